@@ -1,0 +1,68 @@
+"""Shared pytest fixtures.
+
+The official test vectors (``stablesr-tiny``) are read from ``$STABLESR_REFERENCE_DIR`` (default
+``../shared/reference/stablesr-tiny`` next to the checkout). They are ~29 MB and are never committed. When they are
+missing the equivalence tests skip with the reason, unless ``STABLESR_REQUIRE_REFERENCE=1`` (set by ``.ci/run``),
+in which case a missing folder is an error, so CI can never silently pass without running them.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference" / "stablesr-tiny"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow (GPU/real weights)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: pass --run-slow to run it (needs a GPU or real weights)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+def reference_dir() -> Path:
+    return Path(os.environ.get("STABLESR_REFERENCE_DIR", DEFAULT_REFERENCE_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_ref_dir() -> Path:
+    path = reference_dir()
+    if not (path / "cases.safetensors").is_file():
+        msg = (
+            f"official test vectors not found at {path} (set STABLESR_REFERENCE_DIR to the stablesr-tiny folder "
+            "from shared/reference)"
+        )
+        if os.environ.get("STABLESR_REQUIRE_REFERENCE") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cases(tiny_ref_dir):
+    """All tensors of cases.safetensors, as a dict of CPU tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_ref_dir / "cases.safetensors"))
+
+
+def assert_close_rel(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, name: str = "tensor"):
+    """|a - b| <= rtol * max|expected| + atol elementwise (the tolerance stated in the fixture's cases.md)."""
+    import torch
+
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    bound = rtol * scale + atol
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} (rtol {rtol} x max|ref| {scale:.3e} + {atol})"
+    return err / max(scale, 1e-12)
