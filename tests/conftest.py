@@ -66,3 +66,42 @@ def assert_close_rel(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, n
     bound = rtol * scale + atol
     assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} (rtol {rtol} x max|ref| {scale:.3e} + {atol})"
     return err / max(scale, 1e-12)
+
+
+@pytest.fixture(scope="session")
+def converted_tiny(tiny_ref_dir, tiny_cases, tmp_path_factory):
+    """The official tiny checkpoint pair converted with ``convert_stablesr_checkpoint`` (official YAML), and saved.
+
+    The tiny checkpoint has no text encoder (the vectors feed the context directly), so the stored prompt embedding is
+    the first context of case c8. Returns ``(pipeline, report, output_dir)``... as ``(pipeline, report)`` plus the
+    folder in ``pipeline.converted_dir``.
+    """
+    from stablesr.conversion import convert_stablesr_checkpoint
+
+    out = tmp_path_factory.mktemp("converted") / "stablesr-tiny"
+    pipe, report = convert_stablesr_checkpoint(
+        tiny_ref_dir / "stablesr_tiny.ckpt",
+        tiny_ref_dir / "vqgan_cfw_tiny.ckpt",
+        out,
+        original_config=tiny_ref_dir / "config.yaml",
+        prompt_embeds=tiny_cases["c8.context"][:1],
+    )
+    pipe.converted_dir = out
+    return pipe, report
+
+
+def plain_config(config) -> dict:
+    """A model config without private keys and with tuples as lists (as JSON stores them), for equality checks."""
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
+
+
+def realign(model):
+    """Copy every parameter/buffer into freshly allocated (64-byte aligned) memory; see the round-trip tests."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
+    return model

@@ -1,0 +1,316 @@
+"""CFW (stage-2 fusion decoder) as an adapter on a stock diffusers AutoencoderKL.
+
+Equivalence tests reproduce the official ``AutoencoderKLResi`` vectors (stablesr-tiny cases c3, c4, c5) from the
+official tiny checkpoint; property tests cover attach/detach, w = 0, round-trip, validation, batching and dtype.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from diffusers import AutoencoderKL
+from helpers_cfw import load_official_cfw
+
+from stablesr.models.cfw import CFWAdapter, CFWEncoderOutput, CFWFusionBlock, CFWFusionWrapper
+
+SCALE_FACTOR = 0.18215
+
+
+@pytest.fixture(scope="module")
+def official(tiny_ref_dir):
+    return load_official_cfw(tiny_ref_dir)
+
+
+@pytest.fixture
+def vae_and_adapter(official):
+    """A fresh copy per test, so attach/dtype changes cannot leak between tests."""
+    vae, adapter, _ = official
+    return copy.deepcopy(vae), copy.deepcopy(adapter)
+
+
+def _features(tiny_cases):
+    return [tiny_cases["c3.enc_fea_0"], tiny_cases["c3.enc_fea_1"]]
+
+
+def _small(tiny_cases):
+    """An 8x8 latent crop of c4.z with the matching feature crops (a tile), to keep the property tests cheap."""
+    fea_0, fea_1 = _features(tiny_cases)
+    return tiny_cases["c4.z"][..., :8, :8], [fea_0[..., :32, :32], fea_1[..., :16, :16]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading the official checkpoint
+
+
+def test_official_checkpoint_loads_without_leftovers(official):
+    vae, adapter, report = official
+    assert report["vae_missing"] == [] and report["vae_unexpected"] == []
+    assert report["vae_count"][0] == report["vae_count"][1]
+    assert report["vae_numel"][0] == report["vae_numel"][1]
+    assert report["fusion_missing"] == [] and report["fusion_unexpected"] == []
+    # Key names equal the official decoder.fusion_layer_* names minus "decoder.".
+    keys = set(adapter.state_dict())
+    assert "fusion_layer_1.encode_enc_1.conv_out.weight" in keys
+    assert "fusion_layer_2.encode_enc_2.1.rdb3.conv5.bias" in keys
+    assert not any("encode_enc_3.conv_out" in key for key in keys)
+    assert len(keys) == 156
+
+
+def test_state_dict_keys_follow_levels():
+    adapter = CFWAdapter(block_out_channels=(32, 32, 64, 64), fusion_levels=(3, 0))
+    assert adapter.fusion_levels == (0, 3)
+    prefixes = {key.split(".")[0] for key in adapter.state_dict()}
+    assert prefixes == {"fusion_layer_0", "fusion_layer_3"}
+    assert adapter.fusion_layer_3.encode_enc_1.conv1.in_channels == 128
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Equivalence with the official vectors (float32, CPU)
+
+
+@torch.no_grad()
+def test_encode_matches_official_c3(official, tiny_cases):
+    vae, adapter, _ = official
+    out = adapter.encode_features(vae, tiny_cases["c3.image"])
+    assert isinstance(out, CFWEncoderOutput)
+    posterior = out.latent_dist
+    assert_close_rel(posterior.parameters, tiny_cases["c3.moments"], name="c3.moments")
+    assert_close_rel(posterior.mean, tiny_cases["c3.posterior_mean"], name="c3.posterior_mean")
+    assert_close_rel(posterior.logvar, tiny_cases["c3.posterior_logvar"], name="c3.posterior_logvar")
+    assert_close_rel(posterior.std, tiny_cases["c3.posterior_std"], name="c3.posterior_std")
+    assert_close_rel(out.encoder_features[0], tiny_cases["c3.enc_fea_0"], name="c3.enc_fea_0")
+    assert_close_rel(out.encoder_features[1], tiny_cases["c3.enc_fea_1"], name="c3.enc_fea_1")
+    latent_scaled = SCALE_FACTOR * (posterior.mean + posterior.std * tiny_cases["c3.sample_noise"])
+    assert_close_rel(latent_scaled, tiny_cases["c3.latent_scaled"], name="c3.latent_scaled")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("w, key", [(0.0, "c4.decoded_w0"), (0.5, "c4.decoded_w0p5"), (1.0, "c4.decoded_w1")])
+def test_decode_matches_official_c4(official, tiny_cases, w, key):
+    vae, adapter, _ = official
+    image = adapter.decode(vae, tiny_cases["c4.z"], _features(tiny_cases), fidelity_weight=w).sample
+    assert_close_rel(image, tiny_cases[key], name=key)
+    assert not adapter.is_attached
+
+
+@torch.no_grad()
+def test_stock_decode_matches_official_c5(official, tiny_cases):
+    vae, _, _ = official
+    assert_close_rel(vae.decode(tiny_cases["c4.z"]).sample, tiny_cases["c5.decoded"], name="c5.decoded")
+
+
+@torch.no_grad()
+def test_attached_encode_then_decode_matches_official(vae_and_adapter, tiny_cases):
+    """Stateful path: features captured by vae.encode while attached feed the next vae.decode."""
+    vae, adapter = vae_and_adapter
+    with adapter.attached(vae):
+        vae.encode(tiny_cases["c3.image"])
+        assert_close_rel(adapter.encoder_features[0], tiny_cases["c3.enc_fea_0"], name="captured enc_fea_0")
+        assert_close_rel(adapter.encoder_features[1], tiny_cases["c3.enc_fea_1"], name="captured enc_fea_1")
+        adapter.fidelity_weight = 0.5
+        image = vae.decode(tiny_cases["c4.z"]).sample
+    assert_close_rel(image, tiny_cases["c4.decoded_w0p5"], name="attached c4.decoded_w0p5")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Properties
+
+
+@torch.no_grad()
+def test_w0_is_bit_identical_to_stock_decode(vae_and_adapter, tiny_cases):
+    vae, adapter = vae_and_adapter
+    z, features = _small(tiny_cases)
+    stock = vae.decode(z).sample
+    assert torch.equal(adapter.decode(vae, z, features, fidelity_weight=0.0).sample, stock)
+    assert torch.equal(adapter.decode(vae, z, None, fidelity_weight=0).sample, stock)
+    with adapter.attached(vae):
+        adapter.set_encoder_features(features)
+        adapter.fidelity_weight = 0.0
+        assert torch.equal(vae.decode(z).sample, stock)
+        adapter.fidelity_weight = 1.0
+        assert not torch.equal(vae.decode(z).sample, stock)
+
+
+def test_attach_detach_restores_vae_exactly(vae_and_adapter, tiny_cases):
+    vae, adapter = vae_and_adapter
+    before = {key: value.clone() for key, value in vae.state_dict().items()}
+    targets = [vae.decoder.up_blocks[2].resnets[-1], vae.decoder.up_blocks[1].resnets[-1]]
+
+    adapter.attach(vae)
+    assert isinstance(vae.decoder.up_blocks[2].resnets[-1], CFWFusionWrapper)
+    assert vae.decoder.up_blocks[2].resnets[-1].fusion is adapter.fusion_layer_1
+    assert vae.decoder.up_blocks[1].resnets[-1].fusion is adapter.fusion_layer_2
+    assert len(vae.encoder.down_blocks[1].resnets[-1]._forward_hooks) == 1
+    with pytest.raises(ValueError, match="already attached"):
+        adapter.attach(vae)
+    with torch.no_grad():
+        adapter.decode(vae, *_small(tiny_cases), fidelity_weight=1.0)
+    adapter.detach(vae)
+
+    assert [vae.decoder.up_blocks[2].resnets[-1], vae.decoder.up_blocks[1].resnets[-1]] == targets
+    assert not any(module._forward_hooks for module in vae.modules())
+    after = vae.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[key], before[key]) for key in before)
+    with pytest.raises(ValueError, match="not attached"):
+        adapter.detach(vae)
+
+    with pytest.raises(RuntimeError), adapter.attached(vae):
+        raise RuntimeError("boom")
+    assert not adapter.is_attached
+    assert list(vae.state_dict()) == list(before)
+
+
+@torch.no_grad()
+def test_save_load_round_trip(vae_and_adapter, tiny_cases, tmp_path):
+    vae, adapter = vae_and_adapter
+    adapter.save_pretrained(tmp_path / "cfw")
+    assert (tmp_path / "cfw" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = CFWAdapter.from_pretrained(tmp_path / "cfw").eval()
+    assert tuple(loaded.config.block_out_channels) == (32, 32, 64, 64)
+    assert tuple(loaded.config.fusion_levels) == (1, 2)
+    z, features = _small(tiny_cases)
+    expected = adapter.decode(vae, z, features, fidelity_weight=0.5).sample
+    assert torch.equal(loaded.decode(vae, z, features, fidelity_weight=0.5).sample, expected)
+
+
+@torch.no_grad()
+def test_feature_size_mismatch_names_the_level(vae_and_adapter, tiny_cases):
+    vae, adapter = vae_and_adapter
+    fea_0, fea_1 = _features(tiny_cases)
+    with pytest.raises(ValueError, match="level 1"):
+        adapter.decode(vae, tiny_cases["c4.z"], [fea_0[..., :32, :32], fea_1], fidelity_weight=0.5)
+    with pytest.raises(ValueError, match="level 2"):
+        adapter.decode(vae, tiny_cases["c4.z"], [fea_0, fea_1[..., :16]], fidelity_weight=0.5)
+    with pytest.raises(ValueError, match="level 2"):
+        adapter.decode(vae, tiny_cases["c4.z"], [fea_0, fea_0], fidelity_weight=0.5)  # wrong channels
+    with pytest.raises(ValueError, match="one per fusion level"):
+        adapter.decode(vae, tiny_cases["c4.z"], [fea_0], fidelity_weight=0.5)
+    with pytest.raises(ValueError, match="required"):
+        adapter.decode(vae, tiny_cases["c4.z"], None, fidelity_weight=0.5)
+    # A crop of the latent with the matching crop of the features is fine (tiled decode).
+    assert adapter.decode(vae, *_small(tiny_cases), fidelity_weight=0.5).sample.shape == (1, 3, 64, 64)
+    with adapter.attached(vae):
+        adapter.fidelity_weight = 0.5
+        with pytest.raises(ValueError, match="no encoder feature"):
+            vae.decode(tiny_cases["c4.z"])
+
+
+@pytest.mark.parametrize("w", [-0.1, 1.5, math.nan, "0.5", True])
+def test_invalid_fidelity_weight_raises(vae_and_adapter, tiny_cases, w):
+    vae, adapter = vae_and_adapter
+    with pytest.raises(ValueError, match="fidelity_weight"):
+        adapter.fidelity_weight = w
+    with pytest.raises(ValueError, match="fidelity_weight"):
+        adapter.decode(vae, tiny_cases["c4.z"], _features(tiny_cases), fidelity_weight=w)
+
+
+def test_config_validation(official):
+    vae, _, _ = official
+    with pytest.raises(ValueError, match="out of range"):
+        CFWAdapter(block_out_channels=(32, 32, 64, 64), fusion_levels=(4,))
+    with pytest.raises(ValueError, match="distinct"):
+        CFWAdapter(block_out_channels=(32, 32, 64, 64), fusion_levels=(1, 1))
+    with pytest.raises(ValueError, match="GroupNorm"):
+        CFWAdapter(block_out_channels=(16, 16), fusion_levels=(1,))
+    other = CFWAdapter(block_out_channels=(64, 64, 128, 128))
+    with pytest.raises(ValueError, match="block_out_channels"):
+        other.attach(vae)
+    assert CFWAdapter.from_vae(vae).config.block_out_channels == (32, 32, 64, 64)
+
+
+@torch.no_grad()
+def test_batch_and_slicing(vae_and_adapter, tiny_cases):
+    vae, adapter = vae_and_adapter
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
+    enc = adapter.encode_features(vae, images)
+    assert [tuple(f.shape) for f in enc.encoder_features] == [(2, 32, 32, 32), (2, 64, 16, 16)]
+    z = enc.latent_dist.mean
+    batched = adapter.decode(vae, z, enc.encoder_features, fidelity_weight=0.7).sample
+    single = adapter.encode_features(vae, images[1:])
+    assert_close_rel(enc.encoder_features[1][1:], single.encoder_features[1], rtol=1e-5, name="batch enc_fea_1")
+    one = adapter.decode(vae, z[1:], [f[1:] for f in enc.encoder_features], fidelity_weight=0.7).sample
+    assert_close_rel(batched[1:], one, rtol=1e-5, name="batched vs single decode")
+
+    vae.enable_slicing()
+    sliced_enc = adapter.encode_features(vae, images)
+    assert_close_rel(sliced_enc.encoder_features[0], enc.encoder_features[0], rtol=1e-5, name="sliced enc_fea_0")
+    sliced = adapter.decode(vae, z, enc.encoder_features, fidelity_weight=0.7).sample
+    assert_close_rel(sliced, batched, rtol=1e-5, name="sliced decode")
+
+    vae.disable_slicing()
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4
+    tiled_enc = adapter.encode_features(vae, images)  # encodes untiled: per-tile features would not stitch
+    assert vae.use_tiling
+    assert torch.equal(tiled_enc.encoder_features[1], enc.encoder_features[1])
+    assert torch.equal(tiled_enc.latent_dist.mean, enc.latent_dist.mean)
+    with pytest.raises(ValueError, match="tiling"):
+        adapter.decode(vae, z, enc.encoder_features, fidelity_weight=0.7)
+
+
+@torch.no_grad()
+def test_fusion_runs_in_adapter_dtype(vae_and_adapter, tiny_cases):
+    vae, adapter = vae_and_adapter
+    z, features = tiny_cases["c4.z"], _features(tiny_cases)
+    reference = adapter.decode(vae, z, features, fidelity_weight=1.0).sample
+    adapter.to(torch.float64)
+    image = adapter.decode(vae, z, features, fidelity_weight=1.0).sample
+    assert image.dtype == torch.float32
+    assert_close_rel(image, tiny_cases["c4.decoded_w1"], name="float64 fusion")
+    assert_close_rel(image, reference, name="float64 vs float32 fusion")
+
+
+def test_fusion_block_forward_formula():
+    torch.manual_seed(0)
+    block = CFWFusionBlock(32, num_rrdb=1)
+    enc, dec = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
+    residual = block.residual(enc, dec)
+    assert torch.allclose(block(enc, dec, 0.3), dec + 0.3 * residual)
+    # Official concat order is [enc_feat, dec_feat]: swapping the inputs changes the result.
+    assert not torch.allclose(block.residual(dec, enc), residual)
+
+
+def test_from_scratch_init_matches_basicsr():
+    """RDB convs: kaiming-normal (fan_in, gain sqrt 2) x 0.1, zero bias; the ResBlocks keep PyTorch defaults."""
+    torch.manual_seed(0)
+    block = CFWFusionBlock(256, num_rrdb=2)
+    conv = block.encode_enc_2[0].rdb1.conv5  # (256, 256 + 4 * 32, 3, 3)
+    expected_std = 0.1 * math.sqrt(2.0 / (conv.in_channels * 9))
+    assert torch.count_nonzero(conv.bias) == 0
+    assert abs(conv.weight.std().item() / expected_std - 1) < 0.02
+    assert torch.count_nonzero(block.encode_enc_1.conv1.bias) > 0
+
+
+def test_gradients_reach_fusion_only(vae_and_adapter, tiny_cases):
+    vae, adapter = vae_and_adapter
+    vae.requires_grad_(False)
+    adapter.requires_grad_(True)
+    image = adapter.decode(vae, *_small(tiny_cases), fidelity_weight=1.0).sample
+    image.mean().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_rejects_unsupported_vae_blocks():
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+    )
+    adapter = CFWAdapter.from_vae(vae, fusion_levels=(1,))
+    with pytest.raises(ValueError, match="UpDecoderBlock2D"):
+        adapter.attach(vae)
+    assert not adapter.is_attached
+
+
+def test_sd_sized_parameter_counts():
+    """SD VAE widths give the official sizes (stablesr-official.md e: 10.50M + 33.90M), built on the meta device."""
+    with torch.device("meta"):
+        adapter = CFWAdapter()
+    counts = {level: sum(p.numel() for p in adapter.fusion_layer(level).parameters()) for level in (1, 2)}
+    assert counts == {1: 10_496_000, 2: 33_897_728}
