@@ -510,9 +510,10 @@ class CFWAdapter(ModelMixin, ConfigMixin):
         """
         Runs the VAE encoder once and returns its posterior and the features of the fused levels.
 
-        Same computation as the official ``AutoencoderKLResi.encode``. The whole image is encoded in one pass even
-        if ``vae.enable_tiling()`` is on (per-tile features cannot be stitched); ``vae.enable_slicing()`` is honoured. When
-        the adapter is attached to `vae`, its capture hooks also store these features (as after ``vae.encode``).
+        Same computation as the official ``AutoencoderKLResi.encode``, run through ``vae.encode``. The whole image is
+        encoded in one pass even if ``vae.enable_tiling()`` is on (per-tile features cannot be stitched);
+        ``vae.enable_slicing()`` is honoured. When the adapter is attached to `vae`, its capture hooks also store
+        these features (as after ``vae.encode``).
 
         Args:
             vae (`AutoencoderKL`): The VAE (attached or not).

@@ -1,15 +1,70 @@
 """StableSRPipeline: real-world super-resolution with a frozen Stable Diffusion UNet steered by StableSR parts."""
 
+import math
+from dataclasses import dataclass, field
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import logging
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
 
+from .. import vae_tiling
+from ..color import color_fix as apply_color_fix
+from ..image_io import as_pil_list, from_tensor, to_tensor, upscale_alpha
 from ..models.cfw import CFWAdapter
 from ..models.prompt_embedding import PromptEmbedding
 from ..models.sft import SFTAdapter
 from ..models.time_aware_encoder import TimeAwareEncoder
+from ..tiling import TileAccumulator, gaussian_tile_weights, tile_grid
 
 logger = logging.get_logger(__name__)
+
+COLOR_FIXES = ("wavelet", "adain", "none")
+STARTS = ("lq", "noise")
+
+
+def _batch_embeds(prompt_embeds: torch.Tensor, batch: int) -> torch.Tensor:
+    """Prompt embeddings for a UNet batch made of whole copies of the image batch (tiles, CFG)."""
+    if prompt_embeds.shape[0] == batch:
+        return prompt_embeds
+    if batch % prompt_embeds.shape[0]:
+        raise ValueError(f"prompt_embeds batch {prompt_embeds.shape[0]} does not divide the UNet batch {batch}")
+    return prompt_embeds.repeat(batch // prompt_embeds.shape[0], 1, 1)
+
+
+@dataclass
+class RestorationCondition:
+    """Everything needed to decode sampled latents of one image again (at another fidelity weight, say).
+
+    Args:
+        lq_image: (1, 3, H, W) bicubic-upsampled and padded low-quality image in [-1, 1] (the CFW / color-fix input).
+        work_size: (height, width) before padding.
+        output_size: (height, width) of the final image (= round(upscale x input)).
+        alpha: the input's alpha channel (PIL "L"), or None.
+    """
+
+    lq_image: torch.Tensor
+    work_size: tuple[int, int]
+    output_size: tuple[int, int]
+    alpha: PIL.Image.Image | None = None
+
+
+@dataclass
+class StableSRPipelineOutput(BaseOutput):
+    """
+    Args:
+        images: restored images (PIL list, numpy (B, H, W, C) in [0, 1], or torch (B, C, H, W) in [0, 1]); with
+            ``output_type="latent"`` the final latents per image.
+        latents: the final (scaled) latents of each image, for decoding again at other fidelity weights.
+        conditions: the matching [`RestorationCondition`] of each image.
+    """
+
+    images: list | object
+    latents: list[torch.Tensor] = field(default_factory=list)
+    conditions: list[RestorationCondition] = field(default_factory=list)
 
 
 class StableSRPipeline(DiffusionPipeline):
@@ -57,3 +112,362 @@ class StableSRPipeline(DiffusionPipeline):
             tokenizer=tokenizer,
         )
         self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+
+    r"""
+    StableSR restoration pipeline.
+
+    Args:
+        vae ([`AutoencoderKL`]): the stock SD VAE (CFW fusion is attached at decode time only).
+        unet ([`UNet2DConditionModel`]): the stock, frozen SD UNet (SFT layers are attached inside `__call__` only).
+        time_aware_encoder ([`TimeAwareEncoder`]): maps (LQ latent, t) to one feature map per UNet level.
+        sft_adapter ([`SFTAdapter`]): SFT layers for every UNet resnet.
+        scheduler: any diffusers scheduler; the converted default is the official respaced DDPM.
+        cfw_adapter ([`CFWAdapter`], *optional*): CFW fusion layers; without them decoding is the stock decoder.
+        prompt_embedding ([`PromptEmbedding`], *optional*): the stored empty-prompt text embedding.
+        text_encoder / tokenizer (*optional*): only needed for prompts other than the stored one.
+        default_num_inference_steps (`int`): steps when the caller gives none (200 official, 4 for the turbo model).
+    """
+
+    model_cpu_offload_seq = "text_encoder->time_aware_encoder->unet->vae"
+    _optional_components = ["cfw_adapter", "prompt_embedding", "text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        time_aware_encoder: TimeAwareEncoder,
+        sft_adapter: SFTAdapter,
+        scheduler: KarrasDiffusionSchedulers,
+        cfw_adapter: CFWAdapter | None = None,
+        prompt_embedding: PromptEmbedding | None = None,
+        text_encoder=None,
+        tokenizer=None,
+        default_num_inference_steps: int = 200,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            unet=unet,
+            time_aware_encoder=time_aware_encoder,
+            sft_adapter=sft_adapter,
+            scheduler=scheduler,
+            cfw_adapter=cfw_adapter,
+            prompt_embedding=prompt_embedding,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+
+    # ------------------------------------------------------------------------------------------------- properties
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """Pixel size the UNet was trained at (512 or 768): the smallest short side we sample at."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def default_tile_size(self) -> int:
+        """Latent tile of the aggregation sampler: the UNet's native latent size (64 for 512, 96 for 768)."""
+        return int(self.unet.config.sample_size)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def check_inputs(self, upscale, fidelity_weight, color_fix, start, tile_size, tile_overlap, num_inference_steps):
+        if not (isinstance(upscale, (int, float)) and upscale > 0 and math.isfinite(upscale)):
+            raise ValueError(f"upscale must be a positive number, got {upscale!r}")
+        if not 0.0 <= float(fidelity_weight) <= 1.0:
+            raise ValueError(f"fidelity_weight must be in [0, 1] (0 = realism, 1 = fidelity), got {fidelity_weight}")
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        if tile_size is not None and tile_size < 8:
+            raise ValueError(f"tile_size is in latent pixels and must be >= 8, got {tile_size}")
+        if tile_overlap is not None and tile_size is not None and not 0 <= tile_overlap < tile_size:
+            raise ValueError(f"tile_overlap must be >= 0 and smaller than tile_size ({tile_size}), got {tile_overlap}")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+
+    def get_prompt_embeds(self, prompt_embeds: torch.Tensor | None, device, dtype) -> torch.Tensor:
+        if prompt_embeds is None:
+            if self.prompt_embedding is None:
+                raise ValueError(
+                    "this pipeline has no stored prompt embedding: pass prompt_embeds (1, 77, D), the text encoder "
+                    "output for the empty prompt"
+                )
+            prompt_embeds = self.prompt_embedding()
+        return prompt_embeds.to(device=device, dtype=dtype)
+
+    def prepare_condition(self, image: PIL.Image.Image, upscale: float) -> RestorationCondition:
+        """Bicubic upscale by ``upscale`` (and to at least the native size), pad to a multiple of 64 pixels."""
+        alpha = image.getchannel("A") if image.mode == "RGBA" else None
+        lq = to_tensor(image.convert("RGB"))
+        h, w = lq.shape[-2:]
+        out_h, out_w = max(1, round(h * upscale)), max(1, round(w * upscale))
+        scale = max(1.0, self.native_size / min(out_h, out_w))
+        work_h, work_w = round(out_h * scale), round(out_w * scale)
+        lq_up = F.interpolate(lq, size=(work_h, work_w), mode="bicubic", align_corners=False,
+                              antialias=work_h < h or work_w < w).clamp(-1, 1)
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        pad_h, pad_w = (-work_h) % multiple, (-work_w) % multiple
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < work_h and pad_w < work_w else "replicate"
+            lq_up = F.pad(lq_up, (0, pad_w, 0, pad_h), mode=mode)
+        return RestorationCondition(lq_up, (work_h, work_w), (out_h, out_w), alpha)
+
+    def encode_condition(self, lq_image: torch.Tensor, generator, vae_tile_size, vae_tile_overlap):
+        """Scaled latent of the low-quality image: ``posterior.sample() * scaling_factor`` (official
+        ``get_first_stage_encoding``)."""
+        mean, std = vae_tiling.encode_moments(self.vae, lq_image.to(self.vae.dtype), vae_tile_size, vae_tile_overlap)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
+    def predict_model_output(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        lq_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        tile_size: int,
+        tile_overlap: int,
+        tile_batch_size: int = 4,
+        return_tiles: bool = False,
+    ):
+        """UNet output (eps or v) for ``latents`` at ``timestep``, steered by the encoder features of ``lq_latents``.
+
+        Latents larger than ``tile_size`` are processed in overlapping tiles (each tile's encoder features come from
+        the matching LQ-latent crop, as official) whose outputs are blended with the official Gaussian weights.
+        Requires the SFT adapter to be attached.
+        """
+        dtype = self.unet.dtype
+        height, width = latents.shape[-2:]
+        boxes = tile_grid(height, width, tile_size, tile_overlap)
+        t_model = timestep
+        if len(boxes) == 1:
+            features = self.time_aware_encoder(lq_latents.to(dtype), t_model).features
+            self.sft_adapter.set_condition(features)
+            embeds = _batch_embeds(prompt_embeds, latents.shape[0])
+            out = self.unet(latents.to(dtype), t_model, encoder_hidden_states=embeds).sample.float()
+            return (out, [out]) if return_tiles else out
+
+        accumulator = TileAccumulator(latents.shape, latents.device)
+        weights = {}
+        tile_outputs = []
+        batch = latents.shape[0]
+        for start in range(0, len(boxes), tile_batch_size):
+            chunk = boxes[start : start + tile_batch_size]
+            x = torch.cat([latents[..., y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
+            lq = torch.cat([lq_latents[..., y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
+            embeds = _batch_embeds(prompt_embeds, x.shape[0])
+            t_tiles = t_model.repeat(len(chunk)) if t_model.ndim == 1 else t_model
+            features = self.time_aware_encoder(lq.to(dtype), t_tiles).features
+            self.sft_adapter.set_condition(features)
+            out = self.unet(x.to(dtype), t_tiles, encoder_hidden_states=embeds).sample.float()
+            for i, (y0, y1, x0, x1) in enumerate(chunk):
+                tile_out = out[i * batch : (i + 1) * batch]
+                key = (y1 - y0, x1 - x0)
+                if key not in weights:
+                    weights[key] = gaussian_tile_weights(*key, device=latents.device)
+                accumulator.add((y0, y1, x0, x1), tile_out, weights[key])
+                if return_tiles:
+                    tile_outputs.append(tile_out)
+        out = accumulator.result()
+        return (out, tile_outputs) if return_tiles else out
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        lq_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        tile_size: int,
+        tile_overlap: int,
+        generator=None,
+        tile_batch_size: int = 4,
+        variance_noise: list[torch.Tensor] | None = None,
+        callback=None,
+    ) -> torch.Tensor:
+        """The sampling loop: aggregated model output, then one scheduler step on the whole latent, per timestep.
+
+        ``variance_noise`` (one tensor per step) replaces the scheduler's random noise, when the scheduler supports
+        it (the official DDPM one does); used to replay recorded official runs.
+        """
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = self.scheduler.scale_model_input(latents, t)
+                t_batch = t.expand(latents.shape[0]) if t.ndim == 0 else t
+                model_output = self.predict_model_output(
+                    model_input, t_batch.to(latents.device), lq_latents, prompt_embeds, tile_size, tile_overlap,
+                    tile_batch_size,
+                )
+                kwargs = {}
+                if variance_noise is not None:
+                    kwargs["variance_noise"] = variance_noise[i]
+                else:
+                    kwargs["generator"] = generator
+                latents = self.scheduler.step(model_output, t, latents, **kwargs).prev_sample
+                if callback is not None:
+                    callback(i, t, latents)
+                progress_bar.update()
+        return latents
+
+    @torch.no_grad()
+    def decode_latents(
+        self,
+        latents: torch.Tensor,
+        condition: RestorationCondition,
+        fidelity_weight: float = 0.5,
+        color_fix: str = "wavelet",
+        vae_tile_size: int | None = 1024,
+        vae_tile_overlap: int = 64,
+        output_type: str = "pil",
+    ):
+        """Decode final latents of one image (CFW at ``fidelity_weight``), color-fix, crop and resize to its output
+        size. One CFW decode per call: this is how the fidelity weight is tuned without sampling again."""
+        if not 0.0 <= float(fidelity_weight) <= 1.0:
+            raise ValueError(f"fidelity_weight must be in [0, 1], got {fidelity_weight}")
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        device = self._execution_device
+        lq_image = condition.lq_image.to(device=device, dtype=self.vae.dtype)
+        raw = latents.to(device=device, dtype=self.vae.dtype) / self.vae.config.scaling_factor
+        image = vae_tiling.decode(
+            self.vae, raw, lq_image, self.cfw_adapter, fidelity_weight if self.cfw_adapter is not None else 0.0,
+            vae_tile_size, vae_tile_overlap,
+        ).float()
+        image = apply_color_fix(image, lq_image.float(), color_fix)
+        work_h, work_w = condition.work_size
+        image = image[..., :work_h, :work_w]
+        if (work_h, work_w) != condition.output_size:
+            image = F.interpolate(image, size=condition.output_size, mode="bicubic", align_corners=False,
+                                  antialias=True)
+        image = image.clamp(-1, 1)
+        return self._postprocess(image, condition, output_type)
+
+    def _postprocess(self, image: torch.Tensor, condition: RestorationCondition, output_type: str):
+        if output_type == "pt":
+            return (image + 1) / 2
+        if output_type == "np":
+            return ((image + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        pil = from_tensor(image.cpu())[0]
+        if condition.alpha is not None:
+            pil.putalpha(upscale_alpha(condition.alpha, pil.size))
+        return pil
+
+    # ------------------------------------------------------------------------------------------------ __call__
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        upscale: float = 4.0,
+        num_inference_steps: int | None = None,
+        fidelity_weight: float = 0.5,
+        color_fix: str = "wavelet",
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        tile_batch_size: int = 4,
+        vae_tile_size: int | None = 1024,
+        vae_tile_overlap: int = 64,
+        start: str = "lq",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback=None,
+    ):
+        r"""
+        Restore and upscale images.
+
+        Args:
+            image: PIL image(s), numpy (H, W[, C]) / (B, H, W, C) or torch (C, H, W) / (B, C, H, W) in [0, 1].
+                Grayscale becomes RGB; an alpha channel is upscaled separately and re-attached.
+            upscale (`float`): output size = round(upscale x input size) pixels. Inputs whose upscaled short side
+                is below the model's native size (512 / 768) are sampled at that size and resized back.
+            num_inference_steps (`int`): defaults to the pipeline's ``default_num_inference_steps`` (200 official
+                respaced DDPM steps; 4 for turbo). With another scheduler, 10-50 steps.
+            fidelity_weight (`float`): CFW weight w in [0, 1]: 0 = realism (stock decoder), 1 = fidelity to the input.
+            color_fix (`str`): "wavelet" (default), "adain" or "none", against the upsampled input.
+            tile_size / tile_overlap (`int`): aggregation-sampling tile and overlap in LATENT pixels (defaults: the
+                UNet's native latent size, 64 or 96, and half of it).
+            tile_batch_size (`int`): tiles per UNet call.
+            vae_tile_size / vae_tile_overlap (`int`): tiled VAE encode/CFW decode tile and overlap in PIXELS
+                (``None`` = never tile). Images within one tile take the exact untiled path.
+            start (`str`): "lq" = official canvas start x_T = sqrt(abar_T) z_LQ + sqrt(1 - abar_T) eps;
+                "noise" = pure Gaussian noise.
+            generator: torch generator(s) for reproducible sampling.
+            latents: initial latents x_T (one tensor per image, or a tensor for a single image) instead of sampling
+                them.
+            prompt_embeds: (1, 77, D) text embedding; default: the stored empty-prompt embedding.
+            output_type (`str`): "pil", "np", "pt" or "latent" (skip decoding; decode later with
+                [`~StableSRPipeline.decode_latents`] and the returned conditions).
+            return_dict (`bool`): return a [`StableSRPipelineOutput`] instead of a tuple.
+            callback: ``callback(step_index, timestep, latents)`` after every step.
+
+        Returns:
+            [`StableSRPipelineOutput`] or ``(images, latents, conditions)``.
+        """
+        # 1. Check inputs
+        tile_size = tile_size or self.default_tile_size
+        tile_overlap = tile_overlap if tile_overlap is not None else tile_size // 2
+        num_inference_steps = num_inference_steps or self.config.default_num_inference_steps
+        self.check_inputs(upscale, fidelity_weight, color_fix, start, tile_size, tile_overlap, num_inference_steps)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        images = as_pil_list(image)
+        if isinstance(latents, torch.Tensor):
+            latents = [latents]
+        if latents is not None and len(latents) != len(images):
+            raise ValueError(f"got {len(latents)} initial latents for {len(images)} images")
+        generators = generator if isinstance(generator, list) else [generator] * len(images)
+        if len(generators) != len(images):
+            raise ValueError(f"got {len(generators)} generators for {len(images)} images")
+        device = self._execution_device
+
+        # 2. Prompt embedding (the stored empty-prompt embedding, as official)
+        embeds = self.get_prompt_embeds(prompt_embeds, device, self.unet.dtype)
+
+        outputs, all_latents, conditions = [], [], []
+        for index, pil in enumerate(images):
+            gen = generators[index]
+            # 3. Preprocess: bicubic upscale, pad; encode the LQ latent
+            condition = self.prepare_condition(pil, upscale)
+            lq_image = condition.lq_image.to(device)
+            lq_latents = self.encode_condition(lq_image, gen, vae_tile_size, vae_tile_overlap).float()
+
+            # 4. Timesteps and initial latents
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            if latents is not None:
+                x = latents[index].to(device=device, dtype=torch.float32)
+                if x.shape != lq_latents.shape:
+                    raise ValueError(f"initial latents have shape {tuple(x.shape)}, expected {tuple(lq_latents.shape)}")
+            else:
+                noise = randn_tensor(lq_latents.shape, generator=gen, device=device, dtype=torch.float32)
+                if start == "lq":
+                    t_start = self.scheduler.timesteps[:1].repeat(lq_latents.shape[0])
+                    x = self.scheduler.add_noise(lq_latents, noise, t_start)
+                else:
+                    x = noise * self.scheduler.init_noise_sigma
+
+            # 5. Denoising loop with the SFT layers attached to the (otherwise stock) UNet
+            with self.sft_adapter.attached(self.unet):
+                x = self.denoise(x, lq_latents, embeds, tile_size, tile_overlap, gen, tile_batch_size,
+                                 callback=callback)
+            all_latents.append(x)
+            conditions.append(condition)
+
+            # 6. CFW decode (tiled when large), color fix, crop/resize to the output size
+            if output_type == "latent":
+                outputs.append(x)
+            else:
+                outputs.append(self.decode_latents(x, condition, fidelity_weight, color_fix, vae_tile_size,
+                                                   vae_tile_overlap, output_type))
+        self.maybe_free_model_hooks()
+
+        if output_type in ("np", "pt") and len({tuple(o.shape) for o in outputs}) == 1:
+            outputs = torch.cat(outputs) if output_type == "pt" else __import__("numpy").concatenate(outputs)
+        if not return_dict:
+            return outputs, all_latents, conditions
+        return StableSRPipelineOutput(images=outputs, latents=all_latents, conditions=conditions)
