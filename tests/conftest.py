@@ -105,3 +105,20 @@ def realign(model):
         for tensor in list(model.parameters()) + list(model.buffers()):
             tensor.data = tensor.data.clone()
     return model
+
+
+@pytest.fixture(scope="session")
+def small_pipeline_dir(converted_tiny, tmp_path_factory):
+    """The converted tiny model, saved with a 16-latent (128 px) native size so end-to-end tests stay fast on a CPU.
+
+    Only ``unet.config.sample_size`` changes (it sets the minimum working size and the aggregation tile); weights are
+    the converted official ones.
+    """
+    from stablesr.pipelines.pipeline_stablesr import StableSRPipeline
+
+    pipe, _ = converted_tiny
+    out = tmp_path_factory.mktemp("small") / "stablesr-tiny-128"
+    small = StableSRPipeline.from_pretrained(pipe.converted_dir)
+    small.unet.register_to_config(sample_size=16)
+    small.save_pretrained(out)
+    return out

@@ -18,6 +18,7 @@ from ..models.cfw import CFWAdapter
 from ..models.prompt_embedding import PromptEmbedding
 from ..models.sft import SFTAdapter
 from ..models.time_aware_encoder import TimeAwareEncoder
+from ..schedulers import StableSRDDPMScheduler  # noqa: F401  (diffusers only loads components of imported modules)
 from ..tiling import TileAccumulator, gaussian_tile_weights, tile_grid
 
 logger = logging.get_logger(__name__)
