@@ -13,6 +13,7 @@ input is accounted for: converted, skipped on purpose (listed), or an error.
 """
 
 import contextlib
+import inspect
 import os
 import re
 import shutil
@@ -310,7 +311,9 @@ def convert_encoder(sd: dict, params: dict, dtype: torch.dtype, report: Conversi
     source = {k[len(ENCODER_PREFIX) :]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
     if not source:
         raise ConversionError("no structcond_stage_model.* keys: the checkpoint has no time-aware encoder")
-    accepted = TimeAwareEncoder.extract_init_dict(params)[0]
+    # The official YAML also lists options the architecture does not use (image_size, dims, use_fp16, ...).
+    names = inspect.signature(TimeAwareEncoder.__init__).parameters
+    accepted = {k: v for k, v in params.items() if k in names}
     encoder = _empty_model(TimeAwareEncoder, accepted)
     _assign(encoder, source, "time-aware encoder", dtype)
     report.converted["time_aware_encoder"] = len(source)

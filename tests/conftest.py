@@ -54,6 +54,20 @@ def tiny_cases(tiny_ref_dir):
     return load_file(str(tiny_ref_dir / "cases.safetensors"))
 
 
+# name -> max relative error of every official-vector comparison made in this session (printed at the end).
+EQUIVALENCE_ERRORS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not EQUIVALENCE_ERRORS:
+        return
+    terminalreporter.section("official vectors: max |ours - official| / max|official| per tensor")
+    for name in sorted(EQUIVALENCE_ERRORS):
+        terminalreporter.write_line(f"{name:60s} {EQUIVALENCE_ERRORS[name]:.2e}")
+    worst = max(EQUIVALENCE_ERRORS.values())
+    terminalreporter.write_line(f"{len(EQUIVALENCE_ERRORS)} comparisons, worst {worst:.2e} (bound 1e-4)")
+
+
 def assert_close_rel(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, name: str = "tensor"):
     """|a - b| <= rtol * max|expected| + atol elementwise (the tolerance stated in the fixture's cases.md)."""
     import torch
@@ -64,6 +78,7 @@ def assert_close_rel(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, n
     scale = expected.abs().max().item()
     err = (actual - expected).abs().max().item()
     bound = rtol * scale + atol
+    EQUIVALENCE_ERRORS[name] = max(EQUIVALENCE_ERRORS.get(name, 0.0), err / max(scale, 1e-12))
     assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} (rtol {rtol} x max|ref| {scale:.3e} + {atol})"
     return err / max(scale, 1e-12)
 
