@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from stablesr.degradation import (
     DegradationConfig,
     RealESRGANDegradation,
+    add_noise,
     apply,
     blur_kernels,
     filter2d,
     jpeg_compress,
     sample_params,
     sinc_kernels,
-    usm_sharp,
 )
 
 logger = logging.getLogger("bench_degradation")
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_crops", type=int, default=32)
     parser.add_argument("--crop_size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8, help="batch of the speed pass")
-    parser.add_argument("--repeats", type=int, default=4, help="degradations per crop in the distribution pass")
+    parser.add_argument("--repeats", type=int, default=2, help="degradations per crop in the distribution pass")
     parser.add_argument("--dist_batch_size", type=int, default=4, help="batch of the distribution pass")
     parser.add_argument("--num_kernels", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=2)
@@ -144,7 +144,11 @@ class BasicSRReference:
         self.gaussian = random_add_gaussian_noise_pt
         self.poisson = random_add_poisson_noise_pt
         self.filter2D = filter2D
-        self.jpeger = DiffJPEG(differentiable=False)
+        diffjpeg = DiffJPEG(differentiable=False)
+        # DiffJPEG returns a permuted (channels-last) tensor; with recent torch, F.pad keeps that layout and
+        # filter2D's .view() then fails, so make it contiguous (values unchanged).
+        self.jpeger = lambda x, quality: diffjpeg(x, quality=quality).contiguous()
+        self.diffjpeg = diffjpeg
         self.usm = USMSharp(radius=config.usm_radius)
 
     def kernel(self, stage) -> np.ndarray:
@@ -294,21 +298,26 @@ def compare(name: str, ours, theirs) -> None:
 def bench_speed(config, crops, batch_size, seed, reference):
     ours = RealESRGANDegradation(config)
     generator = torch.Generator().manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     ours(crops[:2], generator)  # warm-up (oneDNN primitive creation)
-    results = {}
-    t0 = time.perf_counter()
-    ours_out = [ours(crops[i : i + batch_size], generator) for i in range(0, len(crops), batch_size)]
-    results["ours"] = len(crops) / (time.perf_counter() - t0)
-    ref_out = None
     if reference is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
         reference(crops[:2])
+    # Batches alternate between the two pipelines so that both see the same machine load.
+    elapsed = {"ours": 0.0, "basicsr": 0.0}
+    ours_out, ref_out = [], []
+    for i in range(0, len(crops), batch_size):
+        batch = crops[i : i + batch_size]
         t0 = time.perf_counter()
-        ref_out = [reference(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
-        results["basicsr"] = len(crops) / (time.perf_counter() - t0)
-    return results, ours_out, ref_out
+        ours_out.append(ours(batch, generator))
+        elapsed["ours"] += time.perf_counter() - t0
+        if reference is not None:
+            t0 = time.perf_counter()
+            ref_out.append(reference(batch))
+            elapsed["basicsr"] += time.perf_counter() - t0
+    speeds = {name: len(crops) / t for name, t in elapsed.items() if t > 0}
+    return speeds, ours_out, (ref_out if reference is not None else None)
 
 
 def parity(config, crops, ours_out, ref_out) -> None:
@@ -355,7 +364,7 @@ def parity(config, crops, ours_out, ref_out) -> None:
         ref_usm = torch.cat([r[1] for r in ref_out])
         diff = (ours_usm - ref_usm).abs()
         print(f"  USM (all crops)         {float(diff.max()):.2e}  mean {float(diff.mean()):.2e}")
-    jpeger = DiffJPEG(differentiable=False)
+    jpeger = DiffJPEG(differentiable=False).requires_grad_(False)
     small = F.interpolate(crops[:8], scale_factor=0.37, mode="bicubic").clamp(0, 1)  # odd size: padding path
     quality = torch.tensor([30.0, 45.5, 60.0, 72.3, 85.0, 95.0, 99.0, 100.0])
     ours_jpeg = jpeg_compress(small, quality)
@@ -365,15 +374,17 @@ def parity(config, crops, ours_out, ref_out) -> None:
         f"  JPEG vs DiffJPEG        {float(diff[:7].max()):.2e}  (q 30..99, {tuple(small.shape[-2:])}); "
         f"pixels off by > 0.5/255: {float((diff[:7] > 0.5 / 255).float().mean()):.2e}"
     )
-    print(f"  JPEG q=100              ours finite={bool(torch.isfinite(ours_jpeg[7]).all())}, "
-          f"DiffJPEG finite={bool(torch.isfinite(ref_jpeg[7]).all())}")
+    print(
+        f"  JPEG q=100              ours finite={bool(torch.isfinite(ours_jpeg[7]).all())}, "
+        f"DiffJPEG finite={bool(torch.isfinite(ref_jpeg[7]).all())}"
+    )
     try:
         import io
 
         from PIL import Image
 
         errs = []
-        for img, q in zip(small[:7], quality[:7]):
+        for img, q in zip(small[:7], quality[:7], strict=True):
             buf = io.BytesIO()
             arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(arr).save(buf, format="JPEG", quality=int(round(float(q))))
@@ -408,31 +419,26 @@ def kernel_distribution(config, num, seed, reference):
 
 
 def noise_distribution(crops, reference_available):
-    from stablesr.degradation import StageParams, _add_noise
-
-    print("noise (same crops, scale-normalized): std of added noise x255; channel correlation of the noise")
+    print("noise on the same images (sigma 10 / Poisson scale 1): std of the added noise x255; R-G correlation")
     x = F.interpolate(crops[:8], scale_factor=0.25, mode="area")
     b = x.shape[0]
     for gray in (False, True):
         for kind in ("gaussian", "poisson"):
-            stage = StageParams(
-                kernel=torch.zeros(b, 1, 1), kernel_type=["none"] * b, kernel_size=torch.ones(b),
-                resize="keep", resize_scale=1.0, resize_mode="area",
-                gaussian=torch.full((b,), kind == "gaussian"), noise_sigma=torch.full((b,), 10.0),
-                poisson_scale=torch.full((b,), 1.0), gray_noise=torch.full((b,), gray),
-                noise_seed=torch.arange(b), jpeg_quality=torch.full((b,), 95.0),
-            )  # fmt: skip
-            ours = _add_noise(x, stage) - x
+            flags = torch.full((b,), gray)
+            ours = add_noise(
+                x, torch.full((b,), kind == "gaussian"), torch.full((b,), 10.0), torch.ones(b), flags, torch.arange(b)
+            )
+            ours = ours - x
             line = f"  {kind:<8s} gray={gray!s:<5s} ours std {float(ours.std() * 255):6.3f} corr {_corr(ours):5.3f}"
             if reference_available:
                 from basicsr.data.degradations import add_gaussian_noise_pt, add_poisson_noise_pt
 
                 torch.manual_seed(0)
-                flag = torch.full((b,), float(gray))
                 if kind == "gaussian":
-                    ref = add_gaussian_noise_pt(x, sigma=torch.full((b,), 10.0), gray_noise=flag) - x
+                    ref = add_gaussian_noise_pt(x, sigma=torch.full((b,), 10.0), gray_noise=flags.float())
                 else:
-                    ref = add_poisson_noise_pt(x, scale=torch.full((b,), 1.0), gray_noise=flag) - x
+                    ref = add_poisson_noise_pt(x, scale=torch.ones(b), gray_noise=flags.float())
+                ref = ref - x
                 line += f" | basicsr std {float(ref.std() * 255):6.3f} corr {_corr(ref):5.3f}"
             print(line)
 

@@ -50,6 +50,7 @@ __all__ = [
     "SincConfig",
     "StageConfig",
     "StageParams",
+    "add_noise",
     "apply",
     "blur_kernels",
     "degrade_folder",
@@ -65,8 +66,7 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 _ANISOTROPIC = ("aniso", "generalized_aniso", "plateau_aniso")
 _GENERALIZED = ("generalized_iso", "generalized_aniso")
 _PLATEAU = ("plateau_iso", "plateau_aniso")
-# BasicSR's RealESRGANDataset switches the sinc cutoff range at this kernel size (hard-coded there too): small
-# kernels cannot represent low cutoffs without strong ringing from the truncation.
+# BasicSR's RealESRGANDataset uses `sinc_cutoff_range_large` from this kernel size on (hard-coded there too).
 _SINC_LARGE_KERNEL_SIZE = 13
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -604,6 +604,15 @@ def usm_sharp(img: torch.Tensor, radius: int = 50, weight: float = 0.5, threshol
     return soft_mask * sharp + (1 - soft_mask) * img
 
 
+# JPEG: why a torch re-implementation of BasicSR's DiffJPEG and not PIL/libjpeg per image.
+# StableSR and Real-ESRGAN were trained with DiffJPEG, whose artifacts differ from libjpeg's in ways that change the
+# distribution: the quality is continuous and the table scale is neither floored nor clamped to [1, 255] (at q=95 the
+# luma DC step is 1.6 vs libjpeg's 2), the luma table is applied transposed, chroma is upsampled by pixel repetition
+# (libjpeg decodes with "fancy" triangular upsampling), borders are zero-padded to 16 px (libjpeg replicates edges)
+# and the output is not rounded to 8 bits. Matching DiffJPEG reproduces the training distribution (the benchmark
+# script checks it against DiffJPEG: max difference ~1e-4); it also stays batched on the input's device, where PIL
+# would need a GPU -> CPU -> GPU round trip per image and integer qualities.
+
 # Standard JPEG (ITU T.81 Annex K) quantization tables in natural order: row = vertical frequency.
 _LUMA_TABLE = (
     (16, 11, 10, 16, 24, 40, 51, 61),
@@ -641,12 +650,14 @@ def _quality_to_factor(quality: torch.Tensor) -> torch.Tensor:
 
 def _jpeg_channel(channel: torch.Tensor, table: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     b, h, w = channel.shape
-    dct = _dct_matrix().to(device=channel.device, dtype=channel.dtype)
-    blocks = (channel - 128).view(b, h // 8, 8, w // 8, 8).transpose(2, 3)  # (B, h/8, w/8, 8, 8)
-    coeffs = dct @ blocks @ dct.T
-    step = table.to(device=channel.device, dtype=channel.dtype) * factor.view(b, 1, 1, 1, 1)
+    dct = _dct_matrix()
+    # 2D DCT of each row-major flattened 8x8 block as one (N, 64) x (64, 64) product: kron(C, C) vec(B) = vec(C B C^T).
+    basis = torch.kron(dct, dct).to(device=channel.device, dtype=channel.dtype)
+    blocks = (channel - 128).view(b, h // 8, 8, w // 8, 8).transpose(2, 3).reshape(b, -1, 64)
+    coeffs = blocks @ basis.T
+    step = (table.reshape(1, 1, 64).to(device=channel.device, dtype=channel.dtype)) * factor.view(b, 1, 1)
     coeffs = torch.round(coeffs / step) * step
-    blocks = dct.T @ coeffs @ dct
+    blocks = (coeffs @ basis).view(b, h // 8, w // 8, 8, 8)
     return blocks.transpose(2, 3).reshape(b, h, w) + 128
 
 
@@ -699,22 +710,51 @@ def _poisson_noise(base: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.poisson(base * vals, generator=generator) / vals - base
 
 
-def _add_noise(img: torch.Tensor, stage: StageParams) -> torch.Tensor:
+def add_noise(
+    img: torch.Tensor,
+    gaussian: torch.Tensor,
+    sigma: torch.Tensor,
+    poisson_scale: torch.Tensor,
+    gray: torch.Tensor,
+    seed: torch.Tensor,
+) -> torch.Tensor:
+    """Add per-sample Gaussian or Poisson noise and clamp (BasicSR ``random_add_{gaussian,poisson}_noise_pt``).
+
+    Gaussian: ``N(0, (sigma / 255)^2)`` per pixel. Poisson: the image is quantized to 8-bit levels, ``L`` is
+    ``2^ceil(log2(#distinct levels))`` and the noise is ``(Poisson(x L) / L - x) * poisson_scale``. Gray noise is one
+    field shared by the three channels (from the luma for Poisson). BasicSR draws a single gray Gaussian field for
+    the whole batch; here each sample gets its own, which leaves each image's distribution unchanged.
+
+    Args:
+        img: (B, C, H, W) in [0, 1].
+        gaussian: (B,) bool, Gaussian (True) or Poisson (False).
+        sigma: (B,) Gaussian standard deviation on the 0..255 scale.
+        poisson_scale: (B,) Poisson noise multiplier.
+        gray: (B,) bool, channel-shared noise.
+        seed: (B,) int seeds; the noise of sample i depends only on ``seed[i]`` and its image.
+
+    Returns:
+        (B, C, H, W) in [0, 1].
+    """
     b, c, h, w = img.shape
     noise = torch.empty_like(img)
     for i in range(b):
         generator = torch.Generator(device=img.device)
-        generator.manual_seed(int(stage.noise_seed[i]))
-        gray = bool(stage.gray_noise[i])
-        if bool(stage.gaussian[i]):
-            shape = (1, 1 if gray else c, h, w)
+        generator.manual_seed(int(seed[i]))
+        is_gray = bool(gray[i])
+        if bool(gaussian[i]):
+            shape = (1, 1 if is_gray else c, h, w)
             n = torch.randn(shape, generator=generator, device=img.device, dtype=img.dtype)
-            n = n * (float(stage.noise_sigma[i]) / 255.0)
+            n = n * (float(sigma[i]) / 255.0)
         else:
-            base = _rgb_to_gray(img[i : i + 1]) if gray else img[i : i + 1]
-            n = _poisson_noise(base, generator) * float(stage.poisson_scale[i])
+            base = _rgb_to_gray(img[i : i + 1]) if is_gray else img[i : i + 1]
+            n = _poisson_noise(base, generator) * float(poisson_scale[i])
         noise[i] = n[0].expand(c, h, w)
     return (img + noise).clamp(0, 1)
+
+
+def _add_noise(img: torch.Tensor, stage: StageParams) -> torch.Tensor:
+    return add_noise(img, stage.gaussian, stage.noise_sigma, stage.poisson_scale, stage.gray_noise, stage.noise_seed)
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -847,9 +887,8 @@ def _sample_kernels(cfg: KernelConfig, blur_prob: float, batch: int, draws: _Dra
         blur_kernels(kernel_size, sigma_x, sigma_y, theta, beta, plateau, pad_to),
     )
     kernel = torch.where(blurred.view(-1, 1, 1), kernel, _delta(batch, pad_to))
-    kernel_type = [
-        ("sinc" if s else n) if keep else "none" for n, s, keep in zip(names, is_sinc.tolist(), blurred.tolist())
-    ]
+    flags = zip(names, is_sinc.tolist(), blurred.tolist(), strict=True)
+    kernel_type = [("sinc" if sinc else name) if keep else "none" for name, sinc, keep in flags]
     kernel_size = torch.where(blurred, kernel_size, torch.ones_like(kernel_size))
     return kernel, kernel_type, kernel_size
 
@@ -938,6 +977,8 @@ def _degrade(src: torch.Tensor, params: DegradationParams, config: DegradationCo
     b, _, h, w = src.shape
     if params.batch_size != b:
         raise ValueError(f"params are for batch size {params.batch_size}, but the images have batch size {b}")
+    if len(params.stages) != len(config.stages):
+        raise ValueError(f"params have {len(params.stages)} stages but the config has {len(config.stages)}")
     lq_size = (h // config.scale, w // config.scale)
     out = src
     last = len(config.stages) - 1
@@ -1046,9 +1087,7 @@ class RealESRGANDegradation(nn.Module):
         self.config = config if config is not None else DegradationConfig()
 
     @torch.no_grad()
-    def forward(
-        self, gt: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, gt: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             gt: (B, 3, H, W) float in [0, 1], H and W multiples of ``scale``.
