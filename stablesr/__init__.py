@@ -1,21 +1,26 @@
-"""stablesr: StableSR super-resolution on a frozen Stable Diffusion, built on Hugging Face diffusers."""
+"""stablesr: StableSR super-resolution on a frozen Stable Diffusion, built on Hugging Face diffusers.
+
+The public classes are imported lazily, so ``import stablesr.degradation`` (say) does not load diffusers.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .models.cfw import CFWAdapter
-from .models.prompt_embedding import PromptEmbedding
-from .models.sft import SFTAdapter
-from .models.time_aware_encoder import TimeAwareEncoder
-from .pipelines.pipeline_stablesr import RestorationCondition, StableSRPipeline, StableSRPipelineOutput
-from .schedulers import StableSRDDPMScheduler
+_EXPORTS = {
+    "CFWAdapter": "stablesr.models.cfw",
+    "PromptEmbedding": "stablesr.models.prompt_embedding",
+    "SFTAdapter": "stablesr.models.sft",
+    "TimeAwareEncoder": "stablesr.models.time_aware_encoder",
+    "RestorationCondition": "stablesr.pipelines.pipeline_stablesr",
+    "StableSRPipeline": "stablesr.pipelines.pipeline_stablesr",
+    "StableSRPipelineOutput": "stablesr.pipelines.pipeline_stablesr",
+    "StableSRDDPMScheduler": "stablesr.schedulers",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "CFWAdapter",
-    "PromptEmbedding",
-    "RestorationCondition",
-    "SFTAdapter",
-    "StableSRDDPMScheduler",
-    "StableSRPipeline",
-    "StableSRPipelineOutput",
-    "TimeAwareEncoder",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stablesr' has no attribute {name!r}")
