@@ -1,4 +1,4 @@
-"""The ``stablesr`` command line: ``restore``, ``convert`` and ``degrade``."""
+"""The ``stablesr`` command line: restore, convert, degrade, evaluate, fidelity-curve (and ui with the ui extra)."""
 
 import argparse
 import logging
@@ -122,6 +122,7 @@ def cmd_restore(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from .cascade import cascade_upscale
     from .image_io import ImageLoadError, iter_image_files, load_image, save_image
 
     try:
@@ -170,9 +171,11 @@ def cmd_restore(args) -> int:
             if loaded.alpha is not None:
                 image.putalpha(loaded.alpha)
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
-            out = pipe(
+            out = cascade_upscale(
+                pipe,
                 image,
                 upscale=args.upscale,
+                max_pass_upscale=args.max_pass_upscale,
                 num_inference_steps=args.steps,
                 fidelity_weight=args.fidelity,
                 color_fix=args.color_fix,
@@ -260,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fidelity", type=float, default=0.5, help="CFW weight w: 0 realism .. 1 fidelity (default 0.5)")
     r.add_argument("--fidelity-sweep", default="", help="comma-separated extra weights decoded from ONE sampling, "
                                                       "saved as NAME_w0.25.png ...")
+    r.add_argument("--max-pass-upscale", type=float, default=4.0,
+                   help="larger --upscale runs as chained passes of at most this factor (x8 = x4 then x2; StableSR "
+                        "is trained for x4); 0 = always one pass (default 4)")
     r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 200 official)")
     r.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm", help="ddpm = official respaced DDPM")
     r.add_argument("--color-fix", choices=("wavelet", "adain", "none"), default="wavelet")
@@ -300,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--crop", type=int, default=None)
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_degrade)
+
+    from .evaluate import add_evaluate_parser
+    from .fidelity_curve import add_fidelity_curve_parser
+
+    add_evaluate_parser(sub)
+    add_fidelity_curve_parser(sub)
     return parser
 
 
@@ -320,4 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import so that `python -m stablesr.cli` uses the same module (and CLIError class) as the submodules.
+    from stablesr.cli import main as _main
+
+    sys.exit(_main())
