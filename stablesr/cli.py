@@ -312,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     add_fidelity_curve_parser(sub)
+
+    from .webui import add_ui_parser
+
+    add_ui_parser(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 from PIL import Image
 from skimage import data
 
@@ -97,7 +97,7 @@ def test_alpha_and_grayscale_inputs(pipe):
     assert out[1].mode == "RGB" and out[1].size == (112, 80)
 
 
-@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler])
 def test_other_diffusers_schedulers(pipe, scheduler_cls):
     original = pipe.scheduler
     try:
