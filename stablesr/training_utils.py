@@ -1,0 +1,266 @@
+"""What the StableSR training scripts share: checkpoint folders, save/load hook dispatch, TrainState, seeding, YAML.
+
+Checkpoints are ``{output_dir}/checkpoint-{step}`` folders written by ``accelerator.save_state`` into
+``checkpoint-{step}.tmp`` and renamed into place only when every process has finished writing, so a crash or a kill
+never leaves a half-written ``checkpoint-N`` that ``--resume_from_checkpoint latest`` would pick.
+
+Randomness in the training step comes from generators re-seeded from ``(seed, purpose, epoch, position)``
+(:func:`make_generator`). A resumed run therefore needs no generator state beyond the restored step, and the draws
+that must not depend on how the global batch is split (VAE posterior noise, timesteps, diffusion noise) come from one
+generator per sample keyed by its position in the epoch (:func:`sample_generators`), so 1 process x batch 2 x
+accumulation 2 and 2 processes x batch 2 see the same numbers for the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "TrainState",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_yaml",
+    "make_generator",
+    "per_sample_randint",
+    "per_sample_randn",
+    "register_checkpoint_hooks",
+    "remove_stale_temporaries",
+    "resolve_resume_path",
+    "rotate_checkpoints",
+    "sample_generators",
+    "save_checkpoint",
+    "seed_for",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+_TMP_SUFFIX = ".tmp"
+
+
+# ------------------------------------------------------------------------------------------------------------- YAML
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file that must hold a mapping at the top level (``ValueError`` naming the file otherwise)."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------------- seeds
+
+
+def seed_for(*parts: Any) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across runs, platforms and Python hash randomisation)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def make_generator(*parts: Any, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed_for(*parts)``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed_for(*parts))
+    return generator
+
+
+def sample_generators(*parts: Any, positions: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from ``(*parts, position)``.
+
+    ``position`` is the sample's place in the global stream of the epoch, e.g.
+    ``(batch_index * num_processes + process_index) * batch_size + row`` for accelerate's round-robin batch sharding:
+    the same sample gets the same draws however the global batch is split over processes and accumulation steps.
+    """
+    return [make_generator(*parts, position) for position in positions]
+
+
+def per_sample_randn(generators: Sequence[torch.Generator], shape: Sequence[int], device=None) -> torch.Tensor:
+    """``(len(generators), *shape)`` standard normal draws, row ``i`` from ``generators[i]`` (drawn on the CPU)."""
+    out = torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+    return out.to(device) if device is not None else out
+
+
+def per_sample_randint(generators: Sequence[torch.Generator], low: int, high: int, device=None) -> torch.Tensor:
+    """``(len(generators),)`` integers in ``[low, high)``, one per generator."""
+    out = torch.cat([torch.randint(low, high, (1,), generator=g) for g in generators])
+    return out.to(device) if device is not None else out
+
+
+# --------------------------------------------------------------------------------------------------------- TrainState
+
+
+class TrainState:
+    """The loop counters, checkpointed with ``accelerator.register_for_checkpointing`` (not parsed from folder names).
+
+    ``global_step`` counts optimizer updates. ``fingerprint`` records what fixes the data position of a step (per
+    process batch size, accumulation, number of processes, dataset length); a resume with a different fingerprint
+    still works but is not exact, and says so.
+    """
+
+    def __init__(self, global_step: int = 0, fingerprint: dict[str, Any] | None = None):
+        self.global_step = int(global_step)
+        self.fingerprint = dict(fingerprint or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "fingerprint": dict(self.fingerprint)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = dict(state.get("fingerprint", {}))
+        if saved and self.fingerprint and saved != self.fingerprint:
+            changed = {k: (saved.get(k), self.fingerprint.get(k)) for k in set(saved) | set(self.fingerprint)
+                       if saved.get(k) != self.fingerprint.get(k)}
+            logger.warning(f"resuming with a different setup {changed} (saved, now): the data order will not match "
+                           "the interrupted run exactly")
+        self.global_step = int(state["global_step"])
+
+
+# -------------------------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete ``checkpoint-N`` folders of ``output_dir``, oldest (smallest N) first; ``*.tmp`` ones are ignored."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume_path(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
+    """``"latest"`` -> the newest complete checkpoint or ``None`` (fresh start); a path -> that folder, which must
+    exist (``FileNotFoundError`` otherwise: an explicit resume point that is missing is a mistake, not a fresh start)."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        candidate = Path(output_dir) / resume_from_checkpoint
+        if candidate.is_dir():
+            return candidate
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume_from_checkpoint!r} does not exist (looked for it as a folder and "
+            f"inside {output_dir}); use 'latest' to resume from the newest checkpoint if there is one"
+        )
+    return path
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Delete the oldest ``checkpoint-N`` folders so that at most ``total_limit`` remain; returns what was removed."""
+    if total_limit is None or total_limit <= 0:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    removed = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    for path in removed:
+        logger.info(f"removing old checkpoint {path}")
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
+    """Remove ``checkpoint-N.tmp`` folders left by a run that died while saving."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.glob(f"{CHECKPOINT_PREFIX}*{_TMP_SUFFIX}"):
+            logger.warning(f"removing incomplete checkpoint {p} (the run that wrote it stopped while saving)")
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None = None) -> Path:
+    """``accelerator.save_state`` into ``checkpoint-{step}.tmp``, then rename to ``checkpoint-{step}`` and rotate.
+
+    Every process writes its own RNG file, so the rename waits for all of them. Call on every process.
+    """
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = final.with_name(final.name + _TMP_SUFFIX)
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        rotate_checkpoints(output_dir, total_limit)
+        logger.info(f"saved state to {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------------ hook dispatch
+
+
+def register_checkpoint_hooks(
+    accelerator,
+    savers: dict[type, Callable[[torch.nn.Module, str], None]],
+    loaders: dict[type, Callable[[torch.nn.Module, str], None]],
+) -> None:
+    """Register save/load-state pre-hooks that dispatch each prepared model by ``isinstance`` of its unwrapped form.
+
+    ``savers[cls](model, output_dir)`` writes what ``cls`` needs (e.g. ``save_pretrained`` of the trainable parts)
+    on the main process; ``loaders[cls](model, input_dir)`` loads it back in place, so the optimizer keeps pointing at
+    the same parameters. A model of any other class raises ``TypeError``: silently saving a full frozen UNet (GBs
+    per checkpoint) or dropping a trainable part is never what we want.
+    """
+
+    def find(model, table):
+        unwrapped = accelerator.unwrap_model(model)
+        for cls, fn in table.items():
+            if isinstance(unwrapped, cls):
+                return unwrapped, fn
+        raise TypeError(
+            f"unexpected model {type(unwrapped).__name__} in the accelerator state; the checkpoint hooks handle "
+            f"{[c.__name__ for c in table]}"
+        )
+
+    def save_model_hook(models, weights, output_dir):
+        for model in models:
+            unwrapped, fn = find(model, savers)
+            if accelerator.is_main_process:
+                fn(unwrapped, output_dir)
+        # The parts were saved above; keep accelerate from also writing every prepared model's full state dict.
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            unwrapped, fn = find(models.pop(), loaders)
+            fn(unwrapped, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
