@@ -159,6 +159,7 @@ def test_offline_weights_download_is_a_clear_error(monkeypatch):
 
     _fake_torchmetrics(monkeypatch, OfflineLPIPS)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # the test command sets both; check the first
     with pytest.raises(M.MetricUnavailableError) as info:
         M.load_metric("lpips")
     msg = str(info.value)
