@@ -157,6 +157,13 @@ def cmd_restore(args) -> int:
     if device == "cpu" and args.dtype == "fp16":
         print("warning: fp16 on CPU is slow or unsupported; use --dtype bf16 or fp32", file=sys.stderr)
     pipe = load_pipeline(args.model, args.cfw, device, args.dtype)
+    if device.startswith("cuda"):
+        try:  # memory-efficient attention for the UNet and VAE when xformers is installed (extra: stablesr[xformers])
+            import xformers  # noqa: F401
+
+            pipe.enable_xformers_memory_efficient_attention()
+        except ImportError:
+            pass  # PyTorch SDPA (the default) is used
     if args.scheduler != "ddpm":
         _make_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
