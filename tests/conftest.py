@@ -64,8 +64,15 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("official vectors: max |ours - official| / max|official| per tensor")
     for name in sorted(EQUIVALENCE_ERRORS):
         terminalreporter.write_line(f"{name:60s} {EQUIVALENCE_ERRORS[name]:.2e}")
-    worst = max(EQUIVALENCE_ERRORS.values())
-    terminalreporter.write_line(f"{len(EQUIVALENCE_ERRORS)} comparisons, worst {worst:.2e} (bound 1e-4)")
+    import re
+
+    official = {k: v for k, v in EQUIVALENCE_ERRORS.items() if re.match(r"c\d+\.", k)}
+    if official:
+        worst = max(official, key=official.get)
+        terminalreporter.write_line(
+            f"{len(official)} official-vector comparisons, worst {official[worst]:.2e} ({worst}; bound 1e-4); "
+            f"{len(EQUIVALENCE_ERRORS) - len(official)} other comparisons use their own stated tolerances"
+        )
 
 
 def assert_close_rel(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, name: str = "tensor"):
