@@ -39,7 +39,7 @@ from .models.cfw import CFWAdapter
 from .models.prompt_embedding import PromptEmbedding
 from .models.sft import SFTAdapter
 from .models.time_aware_encoder import TimeAwareEncoder
-from .schedulers import StableSRDDPMScheduler
+from .schedulers import RESPACED_TABLE_NAMES, StableSRDDPMScheduler
 
 logger = logging.get_logger(__name__)
 
@@ -47,20 +47,8 @@ UNET_PREFIX = "model.diffusion_model."
 ENCODER_PREFIX = "structcond_stage_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.model."
-SCHEDULE_BUFFERS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+# The 12 schedule buffers the official LatentDiffusion registers (same names as the scheduler's respaced tables).
+SCHEDULE_BUFFERS = RESPACED_TABLE_NAMES
 # OpenCLIP token ids of the empty prompt: <start_of_text>, <end_of_text>, then zero padding (open_clip.tokenize pads
 # with 0, which is also the SD 2 tokenizer's pad id), so the stored embedding needs no tokenizer.
 SOT_TOKEN, EOT_TOKEN = 49406, 49407
