@@ -26,7 +26,7 @@ Printed table, one row per restore:
 The peak is the larger of the denoise phase (constant: tile-sized activations) and the decode phase (tile-sized
 activations + image buffers), plus the buffers held across phases (the upsampled LQ image, 12 B/px).
 
-Run (the 4096^2 restore alone is ~30 CPU-minutes on 2 cores, see scripts/README.md)::
+Run (the 4096^2 restore alone is ~12 minutes / 20 CPU-minutes on 2 idle cores, see scripts/README.md)::
 
     /work/venv/bin/python scripts/bench_memory.py [--steps 1] [--tile-overlap 0] [--sizes 256 512 1024]
         [--vae-tiles 1024 512]
