@@ -95,9 +95,9 @@ def _levels(keys, pattern: str) -> dict[int, set[str]]:
     return found
 
 
-def _unet_params_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
-    """Official ``unet_config.params`` recovered from tensor shapes (heads are not visible in shapes: see below)."""
-    p = UNET_PREFIX
+def _input_block_layout(sd: dict[str, torch.Tensor], p: str) -> dict:
+    """Widths, res blocks per level, and attention levels of an LDM-style ``input_blocks`` stack under prefix ``p``
+    (shared by the UNet and the time-aware encoder, which use the same block layout)."""
     model_channels, in_channels = sd[p + "input_blocks.0.0.weight"].shape[:2]
     blocks = _levels(sd, re.escape(p) + r"input_blocks\.(\d+)\.")
     downsample_ids = sorted(i for i in blocks if p + f"input_blocks.{i}.0.op.weight" in sd)
@@ -106,10 +106,24 @@ def _unet_params_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
     channel_mult, attention_resolutions = [], []
     for level in range(num_levels):
         first = 1 + level * (num_res_blocks + 1)
-        width = sd[p + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]
-        channel_mult.append(width // model_channels)
+        channel_mult.append(sd[p + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // model_channels)
         if any(k.startswith(p + f"input_blocks.{first}.1.") for k in blocks[first]):
             attention_resolutions.append(2**level)
+    return {
+        "in_channels": int(in_channels),
+        "model_channels": int(model_channels),
+        "num_res_blocks": int(num_res_blocks),
+        "channel_mult": channel_mult,
+        "attention_resolutions": attention_resolutions,
+        "blocks": blocks,
+    }
+
+
+def _unet_params_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
+    """Official ``unet_config.params`` recovered from tensor shapes (heads are not visible in shapes: see below)."""
+    p = UNET_PREFIX
+    layout = _input_block_layout(sd, p)
+    model_channels, channel_mult, blocks = layout["model_channels"], layout["channel_mult"], layout["blocks"]
     attn_key = next(k for k in sd if k.startswith(p) and k.endswith("attn2.to_k.weight"))
     depth = len({k.split("transformer_blocks.")[1].split(".")[0] for k in blocks[1] if "transformer_blocks." in k})
     proj_in = next(k for k in sd if k.startswith(p) and k.endswith(".1.proj_in.weight"))
@@ -117,12 +131,12 @@ def _unet_params_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
     # width. Pass the official YAML to make this exact.
     head_channels = 64 if all((model_channels * m) % 64 == 0 for m in channel_mult) else model_channels
     return {
-        "in_channels": int(in_channels),
+        "in_channels": layout["in_channels"],
         "out_channels": int(sd[p + "out.2.weight"].shape[0]),
         "model_channels": int(model_channels),
         "channel_mult": channel_mult,
-        "num_res_blocks": int(num_res_blocks),
-        "attention_resolutions": attention_resolutions,
+        "num_res_blocks": layout["num_res_blocks"],
+        "attention_resolutions": layout["attention_resolutions"],
         "num_head_channels": head_channels,
         "transformer_depth": depth or 1,
         "context_dim": int(sd[attn_key].shape[1]),
@@ -133,24 +147,14 @@ def _unet_params_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
 
 def _encoder_params_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
     p = ENCODER_PREFIX
-    model_channels, in_channels = sd[p + "input_blocks.0.0.weight"].shape[:2]
-    blocks = _levels(sd, re.escape(p) + r"input_blocks\.(\d+)\.")
-    downsample_ids = sorted(i for i in blocks if p + f"input_blocks.{i}.0.op.weight" in sd)
-    num_levels = len(downsample_ids) + 1
-    num_res_blocks = (max(blocks) - len(downsample_ids)) // num_levels
-    channel_mult, attention_resolutions = [], []
-    for level in range(num_levels):
-        first = 1 + level * (num_res_blocks + 1)
-        channel_mult.append(sd[p + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // model_channels)
-        if p + f"input_blocks.{first}.1.qkv.weight" in sd:
-            attention_resolutions.append(2**level)
+    layout = _input_block_layout(sd, p)
     return {
-        "in_channels": int(in_channels),
-        "model_channels": int(model_channels),
+        "in_channels": layout["in_channels"],
+        "model_channels": layout["model_channels"],
         "out_channels": int(sd[p + "fea_tran.0.out_layers.3.weight"].shape[0]),
-        "num_res_blocks": int(num_res_blocks),
-        "channel_mult": channel_mult,
-        "attention_resolutions": sorted(attention_resolutions, reverse=True),  # official order, e.g. [4, 2, 1]
+        "num_res_blocks": layout["num_res_blocks"],
+        "channel_mult": layout["channel_mult"],
+        "attention_resolutions": sorted(layout["attention_resolutions"], reverse=True),  # official order, e.g. [4, 2, 1]
         # Not visible in shapes; 4 heads in every official config.
         "num_heads": 4,
         "num_head_channels": -1,
