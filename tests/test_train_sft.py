@@ -29,9 +29,12 @@ from stablesr.training_utils import latest_checkpoint, list_checkpoints  # noqa:
 TRAINED_PARTS = ("time_aware_encoder", "sft_adapter")
 # Shared by the reference, 2-process and kill/resume runs: paired data (no synthetic degradation, whose per-batch
 # draws depend on the per-process batch) and Adam with a large epsilon, i.e. SGD-like updates, so that float noise
-# in near-zero gradients is not blown up to +-lr by Adam's normalisation.
+# in near-zero gradients is not blown up to +-lr by Adam's normalisation. The learning rate is small because the
+# random tiny model is sharply curved (gradient norm ~130, a 1e-9 weight nudge moves the gradient by 1e-3): at
+# lr 1e-3 SGD is unstable there and float32 reassociation differences (accumulation vs all-reduce, SDPA kernels)
+# grow ~40x per step, at 1e-5 they stay at the rounding level.
 EXACT_ARGS = ["--resolution=64", "--report_to=none", "--seed=7",
-              "--learning_rate=1e-3", "--adam_epsilon=1.0", "--dataloader_num_workers=0"]
+              "--learning_rate=1e-5", "--adam_epsilon=1.0", "--dataloader_num_workers=0"]
 
 
 def _photo(name: str, short_side: int = 128) -> Image.Image:
@@ -188,9 +191,10 @@ def reference_run(small_pipeline_dir, data, tmp_path_factory):
 
 def test_two_processes_match_one(reference_run, small_pipeline_dir, tmp_path):
     """2 processes x batch 2 (gloo) vs 1 process x batch 2 x accumulation 2 (the reference): same global batches,
-    and noise/timesteps drawn per sample from its position in the epoch, so after 4
-    steps the trainable weights agree to a few float32 ulps. Tolerance: max |diff| <= 2e-6 and the difference is
-    <= 2 % of the update (||w_2 - w_1|| / ||w_1 - w_0||); a data or noise mismatch gives O(1)."""
+    and noise/timesteps drawn per sample from its position in the epoch, so after 4 steps (the 4th in epoch 1)
+    the trainable weights agree up to float32 reassociation. Tolerance: the difference is <= 2 % of the update
+    (||w_2 - w_1|| / ||w_1 - w_0||). Measured on the dev machine: 0.46 %; what mismatches give there: another
+    seed (other noise and timesteps) 60 %, a missing 4th step (e.g. a wrong epoch-1 shuffle) 24 %."""
     args, ref = reference_run
     args = [a for a in args if not a.startswith(("--max_train_steps", "--checkpointing_steps", "--gradient_acc"))]
     out = tmp_path / "ddp"
@@ -214,7 +218,6 @@ def test_two_processes_match_one(reference_run, small_pipeline_dir, tmp_path):
     update = sum(((one[k] - base[k]).double() ** 2).sum() for k in one).sqrt().item()
     print(f"2 processes vs 1: max |diff| {max_diff:.3e}, ||diff|| / ||update|| = {diff / update:.3e}")
     assert update > 0
-    assert max_diff <= 2e-6
     assert diff / update <= 2e-2
 
 
