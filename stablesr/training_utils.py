@@ -30,6 +30,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "CHECKPOINT_PREFIX",
     "TrainState",
+    "check_distributed_launch",
     "latest_checkpoint",
     "list_checkpoints",
     "load_yaml",
@@ -221,6 +222,24 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------------ launch check
+
+
+def check_distributed_launch(accelerator) -> None:
+    """Refuse a multi-process launch that accelerate runs as independent single processes.
+
+    On a machine without GPUs, ``accelerate launch --multi_gpu`` without ``ACCELERATE_USE_CPU=1`` starts N
+    processes that each see ``num_processes == 1``: each would train alone on all the data and write the same files.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"launched as {world_size} processes but accelerate runs them as independent single processes. On a "
+            "machine without GPUs set ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ...`, gloo backend); `accelerate launch --cpu` only starts several processes via MPI"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ hook dispatch

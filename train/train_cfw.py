@@ -53,10 +53,18 @@ from stablesr.losses import (
     reconstruction_loss,
 )
 from stablesr.models.cfw import CFWAdapter
+from stablesr.training_utils import (
+    CHECKPOINT_PREFIX,
+    TrainState,
+    check_distributed_launch,
+    register_checkpoint_hooks,
+    remove_stale_temporaries,
+    resolve_resume_path,
+    save_checkpoint,
+)
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 
 
@@ -217,69 +225,6 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         return self.num_samples
 
 
-class TrainState:
-    """Counters saved with every checkpoint (``register_for_checkpointing``), not parsed from folder names."""
-
-    def __init__(self):
-        self.global_step = 0
-
-    def state_dict(self) -> dict:
-        return {"global_step": self.global_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.global_step = int(state["global_step"])
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    suffix = path.name[len(CHECKPOINT_PREFIX) :]
-    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and path.is_dir() else None
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Finished ``checkpoint-N`` folders, oldest first (``checkpoint-N.tmp`` ones are being written or dead)."""
-    found = [(step, p) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (step := _checkpoint_step(p)) is not None]
-    return [p for _, p in sorted(found)]
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """``save_state`` into ``checkpoint-N.tmp``, rename it to ``checkpoint-N`` when every process is done, rotate.
-
-    A run killed while saving leaves only a ``.tmp`` folder, which ``latest`` never picks. Call on every process
-    (each writes its own RNG state).
-    """
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                logger.info(f"removing old checkpoint {old}")
-                shutil.rmtree(old)
-        logger.info(f"saved state to {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
-    """``latest`` -> newest ``checkpoint-*`` in `output_dir` (None when there is none); a path must exist."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist")
-    return path
-
-
 def local_pipeline_dir(name_or_path: str, revision: str | None) -> Path:
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
@@ -328,18 +273,12 @@ def main(args: argparse.Namespace) -> dict:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and accelerator.num_processes == 1:
-        # Otherwise every process would train alone on the full data and write the same files.
-        raise RuntimeError(
-            f"launched as {world_size} processes but accelerate runs them as independent single processes. On a "
-            "machine without GPUs set ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            "--num_processes N ...`, gloo backend); `accelerate launch --cpu` only starts several processes via MPI"
-        )
+    check_distributed_launch(accelerator)
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
 
     # 2. Models: frozen VAE, trainable CFW fusion layers (fp32)
     pipeline_dir = local_pipeline_dir(args.pretrained_model_name_or_path, args.revision)
@@ -394,36 +333,20 @@ def main(args: argparse.Namespace) -> dict:
         generator_model, discriminator, optimizer_g, optimizer_d, train_dataloader
     )
 
-    def save_model_hook(models, weights, out_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                model = accelerator.unwrap_model(model)
-                if isinstance(model, CFWGenerator):
-                    model.cfw_adapter.save_pretrained(os.path.join(out_dir, "cfw_adapter"))
-                elif isinstance(model, NLayerDiscriminator):
-                    save_file(
-                        {k: v.contiguous() for k, v in model.state_dict().items()},
-                        os.path.join(out_dir, DISCRIMINATOR_FILE),
-                    )
-                else:
-                    raise ValueError(f"unexpected model in the checkpoint: {type(model).__name__}")
-        # The VAE is frozen and stays in the pipeline folder: never write it (nor let accelerate do so).
-        while weights:
-            weights.pop()
+    def save_discriminator(model, folder):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, DISCRIMINATOR_FILE))
 
-    def load_model_hook(models, in_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            if isinstance(model, CFWGenerator):
-                loaded = CFWAdapter.from_pretrained(in_dir, subfolder="cfw_adapter")
-                model.cfw_adapter.load_state_dict(loaded.state_dict())
-            elif isinstance(model, NLayerDiscriminator):
-                model.load_state_dict(load_file(os.path.join(in_dir, DISCRIMINATOR_FILE)))
-            else:
-                raise ValueError(f"unexpected model in the checkpoint: {type(model).__name__}")
+    def load_cfw(model, folder):
+        model.cfw_adapter.load_state_dict(CFWAdapter.from_pretrained(folder, subfolder="cfw_adapter").state_dict())
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    # Checkpoints hold the fusion layers and the discriminator; the frozen VAE stays in the pipeline folder.
+    register_checkpoint_hooks(
+        accelerator,
+        savers={CFWGenerator: lambda m, d: m.cfw_adapter.save_pretrained(os.path.join(d, "cfw_adapter")),
+                NLayerDiscriminator: save_discriminator},
+        loaders={CFWGenerator: load_cfw,
+                 NLayerDiscriminator: lambda m, d: m.load_state_dict(load_file(os.path.join(d, DISCRIMINATOR_FILE)))},
+    )
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
@@ -434,7 +357,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.init_trackers("train_cfw", config={k: v for k, v in vars(args).items() if v is not None})
 
     # 7. Resume
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    checkpoint = resolve_resume_path(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint is not None and checkpoint is None:
         logger.info(f"no checkpoint in {output_dir}; starting a new run")
     if checkpoint is not None:

@@ -55,6 +55,7 @@ from stablesr.pipelines.pipeline_stablesr import StableSRPipeline
 from stablesr.schedulers import StableSRDDPMScheduler
 from stablesr.training_utils import (
     TrainState,
+    check_distributed_launch,
     load_yaml,
     make_generator,
     per_sample_randint,
@@ -343,6 +344,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    check_distributed_launch(accelerator)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
