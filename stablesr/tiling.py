@@ -112,21 +112,50 @@ def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Box]:
     return [(y0, y1, x0, x1) for x0, x1 in x_spans for y0, y1 in y_spans]
 
 
-def pixel_tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Box]:
+def _balanced_spans(size: int, tile: int, overlap: int, align: int) -> list[tuple[int, int]]:
+    """As many tiles as the official rule needs, but all of one (smaller) size and evenly spread, on an ``align`` grid."""
+    if size <= tile:
+        return [(0, size)]
+    count = len(tile_starts(size, tile, overlap))
+    # Work in units of `align`: the smallest tile T whose neighbours, spread evenly, still overlap by `overlap`.
+    total, full, lap = size // align, tile // align, -(-overlap // align)
+    t = max(1, -(-(total + (count - 1) * lap) // count))
+    while t - lap < -(-(total - t) // (count - 1)):
+        t += 1
+    t = min(t, full)  # the official layout (count tiles of `tile`) always satisfies the bound, so this never cuts
+    starts = [k * (total - t) // (count - 1) for k in range(count)]
+    return [(a * align, a * align + t * align) for a in starts]
+
+
+def pixel_tile_grid(height: int, width: int, tile: int, overlap: int, align: int = 1) -> list[Box]:
     """
-    Tile boxes for pixel-space tiling (e.g. tiled VAE encode/decode), with the same rule and order as [`tile_grid`].
+    Tile boxes for pixel-space tiling (tiled VAE encode/decode): balanced tiles, in the order of [`tile_grid`].
+
+    Per axis the number of tiles is the official rule's ([`tile_starts`]), but instead of snapping the last `tile`
+    to the border (which can make two tiles almost coincide: 2048 px with 1024-px tiles would decode 3 x 3 tiles of
+    1024^2, 2.25x the image area), every tile gets the smallest common size for which evenly spread neighbours
+    overlap by at least `overlap`. Same count, smaller tiles: less compute and lower peak memory.
 
     Args:
         height (`int`): Image height in pixels, `> 0`.
         width (`int`): Image width in pixels, `> 0`.
-        tile (`int`): Tile side in pixels, `> 0`.
-        overlap (`int`): Overlap in pixels, `0 <= overlap < tile`.
+        tile (`int`): Largest tile side in pixels, `> 0`.
+        overlap (`int`): Smallest overlap of neighbouring tiles in pixels, `0 <= overlap < tile`.
+        align (`int`, defaults to 1): Tile starts and sizes are multiples of it (the VAE factor, so that tiles map
+            to whole latent pixels); `height`, `width`, `tile` must be multiples of it.
 
     Returns:
         `list[tuple[int, int, int, int]]`: Boxes `(y0, y1, x0, x1)`; an image side `<= tile` is one span of its full
         length. Blend the tiles with [`blend_weights`] and [`TileAccumulator`].
     """
-    return tile_grid(height, width, tile, overlap)
+    _check_tile_overlap(tile, overlap)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image sides must be positive, got {height} x {width}")
+    if align <= 0 or height % align or width % align or tile % align:
+        raise ValueError(f"height {height}, width {width} and tile {tile} must be multiples of align={align}")
+    y_spans = _balanced_spans(height, tile, overlap, align)
+    x_spans = _balanced_spans(width, tile, overlap, align)
+    return [(y0, y1, x0, x1) for x0, x1 in x_spans for y0, y1 in y_spans]
 
 
 def _official_gaussian_1d(length: int, midpoint: float) -> torch.Tensor:

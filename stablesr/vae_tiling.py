@@ -6,9 +6,12 @@ features to the decoder, and keeping full-resolution CFW features costs ~64 byte
 Here each decode tile recomputes its CFW features from a crop of the low-quality image with a margin, so nothing
 full-resolution is kept but the image buffers themselves.
 
-Tiles overlap and are blended with linear ramps ([`stablesr.tiling.blend_weights`]). GroupNorm statistics are per
-tile, so tiled results differ slightly from untiled ones (measured in the tests as PSNR); images that fit in one tile
-take the exact untiled path.
+Tiles come from [`stablesr.tiling.pixel_tile_grid`]: the official tile count per axis, but balanced tiles of one
+size instead of a last tile snapped to the border (at 2048^2 with 1024-px tiles: 1.14x the image area to decode
+instead of 2.25x). They overlap and are blended with linear ramps ([`stablesr.tiling.blend_weights`]). GroupNorm
+statistics are per tile, so tiled results differ slightly from untiled ones (measured in the tests as PSNR; smaller
+tiles differ a little more: 14.6 vs 15.2 dB on the random test VAE, diffusers' tiled VAE 14.3 dB); images that fit
+in one tile take the exact untiled path.
 """
 
 import torch
@@ -42,7 +45,7 @@ def encode_moments(
     logvar = torch.zeros_like(mean)
     weight_sum = torch.zeros(1, 1, lh, lw, device=image.device, dtype=torch.float32)
     overlap_l = tile_overlap // factor
-    for y0, y1, x0, x1 in pixel_tile_grid(height, width, tile_size, tile_overlap):
+    for y0, y1, x0, x1 in pixel_tile_grid(height, width, tile_size, tile_overlap, align=factor):
         dist = vae.encode(image[..., y0:y1, x0:x1]).latent_dist
         box = (slice(None), slice(None), slice(y0 // factor, y1 // factor), slice(x0 // factor, x1 // factor))
         w = blend_weights((y1 - y0) // factor, (x1 - x0) // factor, overlap_l, overlap_l).to(mean)
@@ -92,7 +95,7 @@ def decode(
     # Margin of LQ context around each tile for the CFW encoder features (covers the encoder's receptive field up to
     # the fused levels well enough; beyond it only GroupNorm statistics differ).
     margin = 4 * factor * 4
-    for y0, y1, x0, x1 in pixel_tile_grid(height, width, tile_size, tile_overlap):
+    for y0, y1, x0, x1 in pixel_tile_grid(height, width, tile_size, tile_overlap, align=factor):
         tile_latents = latents[..., y0 // factor : y1 // factor, x0 // factor : x1 // factor]
         if use_cfw:
             cy0, cy1 = max(0, y0 - margin), min(height, y1 + margin)

@@ -94,7 +94,38 @@ def test_grid_covers_canvas_within_bounds(height, width, tile, overlap):
         assert y1 - y0 == min(tile, height) and x1 - x0 == min(tile, width)
         covered[y0:y1, x0:x1] += 1
     assert (covered > 0).all()
-    assert pixel_tile_grid(height, width, tile, overlap) == boxes
+
+
+@pytest.mark.parametrize(
+    "height,width,tile,overlap,align",
+    [(2048, 2048, 1024, 64, 8), (1000, 4096, 512, 64, 8), (776, 520, 512, 64, 8), (24, 40, 16, 8, 1),
+     (100, 77, 64, 32, 1), (5, 3, 8, 2, 1), (512, 512, 512, 64, 8)],
+)
+def test_pixel_grid_is_balanced(height, width, tile, overlap, align):
+    """Same tile count per axis as the official rule, tiles of one size <= `tile`, aligned, neighbours overlapping by
+    >= `overlap`, full coverage, and never more area than the official layout."""
+    boxes = pixel_tile_grid(height, width, tile, overlap, align=align)
+    official = tile_grid(height, width, tile, overlap)
+    assert len(boxes) == len(official)
+    for axis, size in ((0, height), (2, width)):
+        spans = sorted({(b[axis], b[axis + 1]) for b in boxes})
+        assert len({b - a for a, b in spans}) == 1 and spans[0][1] - spans[0][0] <= tile
+        assert spans[0][0] == 0 and spans[-1][1] == size
+        assert all(a % align == 0 and b % align == 0 for a, b in spans)
+        assert all(spans[i][1] - spans[i + 1][0] >= min(overlap, size) for i in range(len(spans) - 1))
+    area = sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in boxes)
+    assert area <= sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in official)
+    covered = torch.zeros(height, width, dtype=torch.int64)
+    for y0, y1, x0, x1 in boxes:
+        covered[y0:y1, x0:x1] += 1
+    assert (covered > 0).all()
+    if (height, width, tile) == (2048, 2048, 1024):
+        assert area / (height * width) < 1.2  # the official snapping decodes 2.25x the image area here
+
+
+def test_pixel_grid_rejects_misaligned_sizes():
+    with pytest.raises(ValueError, match="multiples of align"):
+        pixel_tile_grid(100, 100, 64, 16, align=8)
 
 
 def test_grid_order_is_x_outer_y_inner():
