@@ -1033,9 +1033,16 @@ def apply(
         lq: (B, 3, H / scale, W / scale) in [0, 1], float32 unless ``gt`` is float64; rounded to 8-bit levels if
         ``config.round_lq``. Samples flagged ``params.no_degradation`` (or whose degradation produced NaN, which
         StableSR also replaces) get the area-downsampled (sharpened) GT instead. StableSR substitutes the GT after
-        upsampling the LQ back to GT size, so a training script that wants exact parity should use ``gt`` itself as
-        the upsampled LQ for those samples.
+        upsampling the LQ back to GT size, so a training script that wants parity uses the target itself as the
+        upsampled LQ for those samples (`RealESRGANDegradation(..., return_replaced=True)` says which; that is
+        what `train/train_sft.py` does).
     """
+    return _apply(gt, params, config, gt_usm)[0]
+
+
+def _apply(
+    gt: torch.Tensor, params: DegradationParams, config: DegradationConfig, gt_usm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check_image(gt, config.scale)
     dtype = torch.float64 if gt.dtype == torch.float64 else torch.float32
     gt = gt.to(dtype)
@@ -1046,11 +1053,20 @@ def apply(
     lq = _degrade(src, params, config).clamp(0, 1)
     b = gt.shape[0]
     clean = F.interpolate(src, size=lq.shape[-2:], mode="area")
-    bad = torch.isnan(lq).flatten(1).any(dim=1) | params.no_degradation.to(lq.device)
+    bad = _replaced(lq, params)
     lq = torch.where(bad.view(b, 1, 1, 1), clean, lq)
     if config.round_lq:
         lq = (lq * 255).round().clamp(0, 255) / 255
-    return lq
+    return lq, bad
+
+
+def _replaced(degraded: torch.Tensor, params: DegradationParams) -> torch.Tensor:
+    """(B,) bool: the samples [`apply`] replaces by the clean GT (drawn ``no_degradation`` or a NaN in the result).
+
+    StableSR draws the no-degradation coin once per batch (``random.random() < no_degradation_prob`` in
+    ``get_input``); we draw it per sample, which keeps the expected fraction and decouples it from the batch size.
+    """
+    return torch.isnan(degraded).flatten(1).any(dim=1) | params.no_degradation.to(degraded.device)
 
 
 def _usm(gt: torch.Tensor, config: DegradationConfig) -> torch.Tensor:
@@ -1087,7 +1103,9 @@ class RealESRGANDegradation(nn.Module):
         self.config = config if config is not None else DegradationConfig()
 
     @torch.no_grad()
-    def forward(self, gt: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, gt: torch.Tensor, generator: torch.Generator | None = None, return_replaced: bool = False
+    ) -> tuple[torch.Tensor, ...]:
         """
         Args:
             gt: (B, 3, H, W) float in [0, 1], H and W multiples of ``scale``.
@@ -1097,17 +1115,22 @@ class RealESRGANDegradation(nn.Module):
             lq: (B, 3, h, w) in [0, 1] with ``h = min(H, gt_size) / scale``.
             gt_usm: (B, 3, scale * h, scale * w) training target in [0, 1]: the USM-sharpened GT if
                 ``config.use_usm`` (else the GT), cropped at the same location as ``lq``.
+            replaced: only with ``return_replaced=True``: (B,) bool, the samples whose ``lq`` is the clean
+                downsampled target (no-degradation draw or NaN); StableSR trains those with the target itself as
+                the upsampled LQ.
         """
         config = self.config
         _check_image(gt, config.scale)
         params = sample_params(config, gt.shape[0], generator)
         gt = gt.to(torch.float64 if gt.dtype == torch.float64 else torch.float32)
         target = _usm(gt, config) if config.use_usm else gt
-        lq = apply(gt, params, config, gt_usm=target)
+        lq, replaced = _apply(gt, params, config, gt_usm=target)
         if config.gt_size is not None and max(gt.shape[-2:]) > config.gt_size:
             if min(gt.shape[-2:]) < config.gt_size:
                 raise ValueError(f"gt {tuple(gt.shape[-2:])} is smaller than gt_size={config.gt_size} on one side")
             lq, target = _paired_crop(lq, target, params.crop, config.gt_size, config.scale)
+        if return_replaced:
+            return lq.contiguous(), target.contiguous(), replaced
         return lq.contiguous(), target.contiguous()
 
     def extra_repr(self) -> str:

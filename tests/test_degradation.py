@@ -457,6 +457,19 @@ def test_no_degradation_is_per_sample():
     assert not torch.allclose(lq[1], F.avg_pool2d(usm_sharp(gt), 4)[1], atol=1e-3)
 
 
+def test_return_replaced_flags_the_no_degradation_samples():
+    gt = _images(4)
+    lq, target, replaced = RealESRGANDegradation(_config(no_degradation_prob=1.0))(gt, _gen(0), return_replaced=True)
+    assert replaced.dtype == torch.bool and replaced.tolist() == [True] * 4
+    _, _, none = RealESRGANDegradation(_config(no_degradation_prob=0.0))(gt, _gen(0), return_replaced=True)
+    assert none.tolist() == [False] * 4
+    # Half and half: the flags are exactly the samples whose LQ is the clean downsampled target.
+    lq, target, replaced = RealESRGANDegradation(_config(no_degradation_prob=0.5))(_images(16), _gen(3),
+                                                                                      return_replaced=True)
+    clean = torch.isclose(lq, F.avg_pool2d(target, 4), atol=1e-6).flatten(1).all(dim=1)
+    assert 0 < int(replaced.sum()) < 16 and torch.equal(clean, replaced)
+
+
 @pytest.mark.parametrize("use_usm", [False, True])
 def test_usm_switch(use_usm):
     gt = _images(2)

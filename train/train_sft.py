@@ -543,10 +543,14 @@ def main(args: argparse.Namespace) -> dict:
             lq_up = torch.empty_like(gt)
             synth = ~has_lq
             if synth.any():
-                lq, gt_usm = degradation(gt[synth], make_generator(args.seed, "degradation", epoch, batch_index, rank))
+                lq, gt_usm, replaced = degradation(
+                    gt[synth], make_generator(args.seed, "degradation", epoch, batch_index, rank), return_replaced=True
+                )
+                up = F.interpolate(lq.to(gt.dtype), size=(height, width), mode="bicubic", align_corners=False)
+                # Official: a no-degradation (or NaN) sample is conditioned on the target itself, not a re-upsampled
+                # downscale of it.
                 target_img[synth] = gt_usm.to(gt.dtype)
-                lq_up[synth] = F.interpolate(lq.to(gt.dtype), size=(height, width), mode="bicubic",
-                                             align_corners=False)
+                lq_up[synth] = torch.where(replaced.to(device).view(-1, 1, 1, 1), target_img[synth], up)
             if has_lq.any():
                 real_gt = gt[has_lq]
                 if degradation_config.use_usm:  # Real-ESRGAN's paired branch sharpens the GT the same way
