@@ -7,6 +7,7 @@ training tests use synthetic 64x64 data in the same folder format (latents = VAE
 only the VAE and the CFW layers take part in training.
 """
 
+import copy
 import importlib.util
 import json
 import os
@@ -472,6 +473,47 @@ def test_train_cfw_trains_only_fusion_and_resumes_exactly(small_pipeline_dir, tr
         output_type="np",
     )
     assert out.images.shape == (1, 128, 128, 3) and np.isfinite(out.images).all()
+
+
+def test_gradient_checkpointing_same_updates_fewer_saved_activations(small_pipeline_dir, train_data, pipe, tmp_path):
+    """--gradient_checkpointing: the decoder blocks re-run in backward with the fusion state still set, so the updates
+    equal the plain run's (fusion layers and discriminator, 2 updates with the GAN on), while the activations
+    autograd keeps for backward shrink (counted with saved-tensor hooks on one generator forward)."""
+    three, _ = train_data
+    common = ("--max_train_steps=2", "--disc_start=1", "--checkpointing_steps=100",
+              "--gradient_accumulation_steps=1")
+    plain = train_cfw.main(_train_args(small_pipeline_dir, three, tmp_path / "plain", *common))
+    ckpt = train_cfw.main(_train_args(small_pipeline_dir, three, tmp_path / "ckpt", "--gradient_checkpointing", *common))
+    before = pipe.cfw_adapter.state_dict()
+    for name in ("cfw_adapter", "discriminator"):
+        a, b = _state(plain[name]), _state(ckpt[name])
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"[train_cfw] gradient checkpointing vs plain, {name}: max |diff| {worst:.2e}")
+        assert worst <= 1e-6, name
+    assert any(not torch.equal(v, before[k]) for k, v in ckpt["cfw_adapter"].state_dict().items())
+
+    def saved_bytes(checkpointing: bool) -> int:
+        vae = copy.deepcopy(pipe.vae)
+        adapter = copy.deepcopy(pipe.cfw_adapter).requires_grad_(True)
+        model = train_cfw.CFWGenerator(vae, adapter, 1.0, gradient_checkpointing=checkpointing)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        latents, lq = torch.randn(1, 4, 16, 16), torch.rand(1, 3, 128, 128) * 2 - 1
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(latents, lq)
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in adapter.parameters())
+        return total
+
+    plain_bytes, ckpt_bytes = saved_bytes(False), saved_bytes(True)
+    print(f"[train_cfw] activations kept for backward at 128 px: {plain_bytes / 2**20:.1f} MB plain, "
+          f"{ckpt_bytes / 2**20:.1f} MB with gradient checkpointing")
+    assert ckpt_bytes < 0.5 * plain_bytes
 
 
 def _free_port() -> int:

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest' in --output_dir."
     )
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Re-run the VAE decoder blocks in the backward pass instead of keeping their activations (less memory, "
+        "more time: the decoder blocks run twice).",
+    )
     parser.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
     parser.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
     return parser
@@ -186,13 +192,24 @@ class CFWGenerator(nn.Module):
 
     ``forward(latents, lq)`` runs the (frozen) encoder on the LQ image for the CFW features, then decodes the scaled
     latents with the fusion active: the official ``AutoencoderKLResi.forward(input, latent)``.
+
+    With ``gradient_checkpointing`` the decoder's mid and up blocks keep no activations and are re-run in the
+    backward pass. The re-run reads the fusion's state (weight and encoder features), so the adapter stays attached
+    and the state stays set until the next forward instead of being scoped to one ``CFWAdapter.decode`` call.
     """
 
-    def __init__(self, vae: AutoencoderKL, cfw_adapter: CFWAdapter, fidelity_weight: float = 1.0):
+    def __init__(
+        self, vae: AutoencoderKL, cfw_adapter: CFWAdapter, fidelity_weight: float = 1.0,
+        gradient_checkpointing: bool = False,
+    ):
         super().__init__()
         self.vae = vae
         self.cfw_adapter = cfw_adapter
         self.fidelity_weight = fidelity_weight
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+            cfw_adapter.attach(vae)
 
     def forward(self, latents: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) scaled latents + (B, 3, 8h, 8w) LQ in [-1, 1] -> (B, 3, 8h, 8w) image (unclamped)."""
@@ -200,7 +217,11 @@ class CFWGenerator(nn.Module):
         with torch.no_grad():
             features = self.cfw_adapter.encode_features(vae, lq.to(vae.dtype)).encoder_features
         raw = latents.to(vae.dtype) / vae.config.scaling_factor
-        return self.cfw_adapter.decode(vae, raw, features, self.fidelity_weight).sample
+        if not self.gradient_checkpointing:
+            return self.cfw_adapter.decode(vae, raw, features, self.fidelity_weight).sample
+        self.cfw_adapter.fidelity_weight = self.fidelity_weight
+        self.cfw_adapter.set_encoder_features(features)
+        return vae.decode(raw).sample
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):
@@ -296,7 +317,7 @@ def main(args: argparse.Namespace) -> dict:
     cfw_adapter.requires_grad_(True)
     cfw_adapter.train()
     vae.to(accelerator.device)
-    generator_model = CFWGenerator(vae, cfw_adapter, args.fidelity_weight)
+    generator_model = CFWGenerator(vae, cfw_adapter, args.fidelity_weight, args.gradient_checkpointing)
 
     # 3. Losses: frozen perceptual loss, trainable PatchGAN discriminator
     perceptual = build_perceptual_loss(args.lpips_net, args.lpips_weights).to(accelerator.device)
