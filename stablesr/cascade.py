@@ -122,7 +122,7 @@ def cascade_upscale(
         logger.info("cascade x%g as %d passes: %s", upscale, len(factors), " then ".join(f"x{f:.4g}" for f in factors))
 
     outputs, all_latents, conditions = [], [], []
-    for img, gen in zip(images, generators):
+    for img, gen in zip(images, generators, strict=True):
         target = (max(1, round(img.height * upscale)), max(1, round(img.width * upscale)))
         current = img
         for i, factor in enumerate(factors[:-1]):

@@ -201,7 +201,8 @@ def cmd_restore(args) -> int:
             else:
                 results = [out.images[0]]
             meta = dict(icc_profile=loaded.icc_profile, exif=loaded.exif, overwrite=True)
-            for result, path in zip(results, paths):
+            # paths has one more entry (the --compare image) than results when --compare is on
+            for result, path in zip(results, paths, strict=False):
                 alpha = result.getchannel("A") if result.mode == "RGBA" else None
                 save_image(result.convert("RGB"), path, alpha=alpha if suffix in (".png", ".webp", ".tif", ".tiff")
                            else None, **meta)

@@ -358,7 +358,7 @@ def convert_text_encoder(sd: dict, dtype: torch.dtype, report: ConversionReport)
     config = CLIPTextConfig(
         vocab_size=source[TEXT_PREFIX + "token_embedding.weight"].shape[0],
         hidden_size=width,
-        intermediate_size=source[TEXT_PREFIX + f"transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        intermediate_size=source[TEXT_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         projection_dim=source[TEXT_PREFIX + "text_projection"].shape[1],
         num_hidden_layers=last,  # official layer="penultimate": the last block is never run
         num_attention_heads=max(1, width // 64),  # OpenCLIP text towers use 64-wide heads

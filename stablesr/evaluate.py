@@ -132,7 +132,8 @@ def infer_protocol(gt_sizes: Sequence[tuple[int, int]], lq_sizes: Sequence[tuple
             warnings.append("--protocol crops but not every GT image is 512x512 (or LQ 128x128)")
         if name == "full" and crops:
             warnings.append("--protocol full but every GT is 512x512 (and LQ 128x128): these look like the crop sets")
-    scales = {round(g[0] / q[0], 3) for g, q in zip(gt_sizes, lq_sizes) if q[0]}
+    # lq_sizes is empty without --lq
+    scales = {round(g[0] / q[0], 3) for g, q in zip(gt_sizes, lq_sizes, strict=False) if q[0]}
     scale = scales.pop() if len(scales) == 1 else None
     return {"name": name, "description": PROTOCOLS[name], "source": source, "scale": scale, "warnings": warnings}
 

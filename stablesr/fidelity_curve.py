@@ -199,7 +199,7 @@ def fidelity_curve(pipe, lq_images: Sequence[Any], gt_images: Sequence[Any] | No
 
     rows: list[dict[str, Any]] = []
     images: dict[tuple[str, float], Image.Image] = {}
-    for name, lq_src, gt_src in zip(names, lq_list, gt_list):
+    for name, lq_src, gt_src in zip(names, lq_list, gt_list, strict=True):
         lq = _as_pil(lq_src)
         gt = _as_pil(gt_src).convert("RGB") if gt_src is not None else None
         if gt is None and has_gt:
@@ -278,7 +278,7 @@ def plot_curve(curve: FidelityCurve, path: str | Path) -> Path:
     except ImportError:
         return _pil_plot(panels, path, len({r["image"] for r in curve.rows}))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3.2), squeeze=False)
-    for ax, (title, xs, ys) in zip(axes[0], panels):
+    for ax, (title, xs, ys) in zip(axes[0], panels, strict=False):
         ax.plot(xs, ys, marker="o")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("CFW weight w (0 realism - 1 fidelity)")
@@ -334,7 +334,7 @@ def _pil_plot(panels: list[tuple[str, list[float], list[float]]], path: Path, n_
             draw.line([xx, y1, xx, y1 + 4], fill=(60, 60, 60))
             draw.text((xx - 8, y1 + 6), f"{x:g}", fill=(60, 60, 60), font=font)
         draw.text((x0 + 20, y1 + 22), "CFW weight w (0 realism - 1 fidelity)", fill=(60, 60, 60), font=font)
-        pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys, strict=True)]
         if len(pts) > 1:
             draw.line(pts, fill=(31, 119, 180), width=2)
         for x, y in pts:
@@ -420,7 +420,7 @@ def _cmd_fidelity_curve(args) -> int:
             raise CLIError(f"--gt folder '{gt_dir}' does not exist")
         index = {p.stem: p for p in iter_image_files(gt_dir)}
         gt_files = [index.get(f.stem) for f in files]
-        missing = [f.name for f, g in zip(files, gt_files) if g is None]
+        missing = [f.name for f, g in zip(files, gt_files, strict=True) if g is None]
         if missing:
             print(f"no ground truth for {len(missing)} input(s): {', '.join(missing[:10])}", file=sys.stderr)
     metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]

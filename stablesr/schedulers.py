@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput, rescale_zero_terminal_snr
+
 # DiffusionPipeline.from_pretrained resolves a custom component's base class by looking the name up in the module that
 # defines it, so SchedulerMixin must be importable from here.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401

@@ -102,7 +102,7 @@ def decode(
             cx0, cx1 = max(0, x0 - margin), min(width, x1 + margin)
             feats = cfw_adapter.encode_features(vae, lq_image[..., cy0:cy1, cx0:cx1]).encoder_features
             crops = []
-            for level, feat in zip(cfw_adapter.fusion_levels, feats):
+            for level, feat in zip(cfw_adapter.fusion_levels, feats, strict=True):
                 s = 2**level
                 crops.append(feat[..., (y0 - cy0) // s : (y1 - cy0) // s, (x0 - cx0) // s : (x1 - cx0) // s])
             tile = cfw_adapter.decode(vae, tile_latents, crops, fidelity_weight).sample

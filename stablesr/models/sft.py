@@ -208,7 +208,8 @@ class SFTAdapter(ModelMixin, ConfigMixin):
         missing = [name for name in self.config.target_modules if name not in modules]
         if missing:
             raise ValueError(f"the UNet has no module(s) {missing[:5]}: this adapter was built for another UNet layout")
-        for name, layer, channels in zip(self.config.target_modules, self.layers, self.config.target_channels):
+        targets = zip(self.config.target_modules, self.layers, self.config.target_channels, strict=True)
+        for name, layer, channels in targets:
             conv = modules[name]
             if isinstance(conv, SFTConv2d):
                 raise RuntimeError(f"{name} is already wrapped by another SFT adapter")
@@ -247,5 +248,5 @@ class SFTAdapter(ModelMixin, ConfigMixin):
             raise RuntimeError("attach the SFTAdapter to a UNet before setting its condition")
         if features is not None and len(features) < self.num_levels:
             raise ValueError(f"expected {self.num_levels} encoder feature maps, got {len(features)}")
-        for name, level in zip(self.config.target_modules, self.config.target_levels):
+        for name, level in zip(self.config.target_modules, self.config.target_levels, strict=True):
             self._wrappers[name].condition = None if features is None else features[level]

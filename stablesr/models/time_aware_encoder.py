@@ -247,7 +247,7 @@ class TimeAwareEncoder(ModelMixin, ConfigMixin):
                 recorded.append(hidden_states)
             hidden_states = self._run(block, hidden_states, temb)
         recorded.append(self._run(self.middle_block, hidden_states, temb))
-        features = tuple(self._run(head, feat, temb) for head, feat in zip(self.fea_tran, recorded))
+        features = tuple(self._run(head, feat, temb) for head, feat in zip(self.fea_tran, recorded, strict=True))
         if not return_dict:
             return (features,)
         return TimeAwareEncoderOutput(features=features)
