@@ -10,7 +10,8 @@ Builds the full-size architecture with random weights (SD 2.1-base ``UNet2DCondi
 
 The calls are interleaved (order a, b, e then e, b, a, ...) after one warm-up (the FLOP-counting pass), and the
 medians are reported. The FLOPs of the same calls are counted with ``torch.utils.flop_counter.FlopCounterMode``
-(matmuls, convolutions and attention; GroupNorm and elementwise ops are not counted, so a time ratio above the FLOP
+(matmuls, convolutions and attention, including the fused CPU attention kernel that torch's counter has no
+formula for; GroupNorm and elementwise ops are not counted, so a time ratio above the FLOP
 ratio means time going into uncounted, memory-bound work or into slow kernels). Printed:
 
 * time ratio (b)/(a) (median of the per-round ratios, which cancels drift) next to the FLOP ratio and the gap in %;
@@ -37,7 +38,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from stablesr.models.prompt_embedding import PromptEmbedding
 from stablesr.models.sft import SFTAdapter
@@ -85,6 +86,15 @@ def build_pipeline(unet, encoder, sft, embeds) -> StableSRPipeline:
     )
 
 
+
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FlopCounterMode has formulas for the CUDA SDPA kernels but not for the fused CPU one that SDPA picks for
+# the UNet's and the encoder's attention here: without this entry their attention counts as 0 FLOPs.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop}
+
 class StepBench:
     """The three measured calls of one pipeline (a: bare UNet, b: pipeline step, e: encoder alone)."""
 
@@ -130,7 +140,7 @@ class StepBench:
 
     def flops(self, name: str) -> tuple[int, float]:
         """(FLOPs, seconds) of one call under FlopCounterMode (this also serves as the warm-up)."""
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             seconds, out = self.run(name)
         first = out[0] if isinstance(out, tuple) else out
         if not torch.isfinite(first.float()).all():
