@@ -6,7 +6,10 @@ missing the equivalence tests skip with the reason, unless ``STABLESR_REQUIRE_RE
 in which case a missing folder is an error, so CI can never silently pass without running them.
 """
 
+import functools
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,83 @@ def tiny_cases(tiny_ref_dir):
     return load_file(str(tiny_ref_dir / "cases.safetensors"))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Facts of the fixture. Other vector folders of the same format (other sizes, step counts, batch sizes, tiles,
+# v-prediction) are tested by pointing STABLESR_REFERENCE_DIR at them, so tests must read such facts from the fixture
+# (cases.json "meta", the tensor names / shapes, config.yaml) instead of hard-coding the values of stablesr-tiny.
+
+
+@pytest.fixture(scope="session")
+def case_meta(tiny_ref_dir) -> dict:
+    """cases.json "meta": the exact call arguments of every case (c8.ddpm_steps, c9.tile_size, ...)."""
+    return json.loads((tiny_ref_dir / "cases.json").read_text())["meta"]
+
+
+@pytest.fixture(scope="session")
+def ref_config(tiny_ref_dir) -> dict:
+    """The fixture's official LDM config (config.yaml) as a plain dict."""
+    import yaml
+
+    return yaml.safe_load((tiny_ref_dir / "config.yaml").read_text())
+
+
+def prediction_type_of(ldm_config: dict) -> str:
+    """diffusers prediction_type of an official LDM config: ``parameterization`` eps (default) or v."""
+    parameterization = ldm_config["model"]["params"].get("parameterization", "eps")
+    return {"eps": "epsilon", "v": "v_prediction"}[parameterization]
+
+
+@pytest.fixture(scope="session")
+def ref_prediction_type(ref_config) -> str:
+    return prediction_type_of(ref_config)
+
+
+def feature_widths(cases, prefix: str) -> list[int]:
+    """Widths W of the keys ``<prefix>enc_out_<W>``, largest first (the order the encoder returns its features)."""
+    pattern = re.compile(re.escape(prefix) + r"enc_out_(\d+)$")
+    widths = sorted((int(m.group(1)) for key in cases if (m := pattern.match(key))), reverse=True)
+    if not widths:
+        raise KeyError(f"no {prefix}enc_out_<W> tensors in the reference vectors")
+    return widths
+
+
+def key_numbers(cases, pattern: str) -> list[int]:
+    """Sorted distinct integers captured by the one group of ``pattern`` (full match) over the tensor names."""
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for key in cases if (m := regex.fullmatch(key))})
+
+
+def reference_keys() -> list[str] | None:
+    """Tensor names of the fixture, read at COLLECTION time (for parametrize); None when it cannot be read.
+
+    Tests parametrized from these names fall back to the stablesr-tiny values when the folder is missing, and then
+    skip or fail through ``tiny_ref_dir`` like every other official-vector test.
+    """
+    keys = _safetensors_keys(str(reference_dir() / "cases.safetensors"))
+    return None if keys is None else list(keys)
+
+
+@functools.cache
+def _safetensors_keys(path: str) -> tuple[str, ...] | None:
+    if not Path(path).is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.keys())
+    except Exception:  # unreadable file: let the tiny_cases fixture report it
+        return None
+
+
+def collected_numbers(pattern: str, fallback) -> list[int]:
+    """``key_numbers`` over the fixture's tensor names at collection time, or ``fallback`` when they are unknown."""
+    keys = reference_keys()
+    if keys is None:
+        return list(fallback)
+    return key_numbers(keys, pattern)
+
+
 # name -> max relative error of every official-vector comparison made in this session (printed at the end).
 EQUIVALENCE_ERRORS: dict[str, float] = {}
 
@@ -64,8 +144,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("official vectors: max |ours - official| / max|official| per tensor")
     for name in sorted(EQUIVALENCE_ERRORS):
         terminalreporter.write_line(f"{name:60s} {EQUIVALENCE_ERRORS[name]:.2e}")
-    import re
-
     official = {k: v for k, v in EQUIVALENCE_ERRORS.items() if re.match(r"c\d+\.", k)}
     if official:
         worst = max(official, key=official.get)

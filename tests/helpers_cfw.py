@@ -14,11 +14,16 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from stablesr.models.cfw import CFWAdapter
 
 FUSION_PREFIX = "decoder.fusion_layer_"
-SCALE_FACTOR = 0.18215  # config.yaml scale_factor of the LDM that uses this VAE
 
 
-def vae_config_from_ldm_yaml(yaml_path: Path) -> dict:
-    """AutoencoderKL config from an ``AutoencoderKLResi`` yaml, like ``create_vae_diffusers_config_from_ldm``."""
+def ldm_scale_factor(ldm_yaml_path: Path) -> float:
+    """``model.params.scale_factor`` of the LDM config that uses this VAE (the CFW yaml itself has none)."""
+    return float(yaml.safe_load(Path(ldm_yaml_path).read_text())["model"]["params"]["scale_factor"])
+
+
+def vae_config_from_ldm_yaml(yaml_path: Path, scaling_factor: float) -> dict:
+    """AutoencoderKL config from an ``AutoencoderKLResi`` yaml, like ``create_vae_diffusers_config_from_ldm``;
+    ``scaling_factor`` is the LDM's ``scale_factor`` (see ``ldm_scale_factor``)."""
     params = yaml.safe_load(Path(yaml_path).read_text())["model"]["params"]
     dd = params["ddconfig"]
     block_out_channels = [dd["ch"] * mult for mult in dd["ch_mult"]]
@@ -31,7 +36,7 @@ def vae_config_from_ldm_yaml(yaml_path: Path) -> dict:
         "block_out_channels": block_out_channels,
         "latent_channels": dd["z_channels"],
         "layers_per_block": dd["num_res_blocks"],
-        "scaling_factor": SCALE_FACTOR,
+        "scaling_factor": scaling_factor,
     }
 
 
@@ -42,7 +47,7 @@ def load_official_cfw(ref_dir: Path) -> tuple[AutoencoderKL, CFWAdapter, dict]:
     vae_part = {key: value for key, value in state_dict.items() if not key.startswith(FUSION_PREFIX)}
     fusion_part = {key[len("decoder.") :]: value for key, value in state_dict.items() if key.startswith(FUSION_PREFIX)}
 
-    config = vae_config_from_ldm_yaml(ref_dir / "config_vqgan_cfw.yaml")
+    config = vae_config_from_ldm_yaml(ref_dir / "config_vqgan_cfw.yaml", ldm_scale_factor(ref_dir / "config.yaml"))
     vae = AutoencoderKL(**config)
     converted = convert_ldm_vae_checkpoint(vae_part, config)
     vae_missing, vae_unexpected = vae.load_state_dict(converted, strict=False)

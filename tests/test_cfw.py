@@ -6,21 +6,46 @@ official tiny checkpoint; property tests cover attach/detach, w = 0, round-trip,
 
 import copy
 import math
+import re
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, reference_keys
 from diffusers import AutoencoderKL
-from helpers_cfw import load_official_cfw
+from helpers_cfw import ldm_scale_factor, load_official_cfw, vae_config_from_ldm_yaml
 
 from stablesr.models.cfw import CFWAdapter, CFWEncoderOutput, CFWFusionBlock, CFWFusionWrapper
 
-SCALE_FACTOR = 0.18215
+C4_KEY = re.compile(r"c4\.decoded_w(\d+(?:p\d+)?)")
+
+
+def _c4_cases(keys) -> list[tuple[float, str]]:
+    """(fidelity weight, key) of every ``c4.decoded_w<w>`` tensor ("w0p5" is 0.5), by weight."""
+    found = [(float(m.group(1).replace("p", ".")), key) for key in keys if (m := C4_KEY.fullmatch(key))]
+    return sorted(found)
+
+
+# Read from the fixture's tensor names at collection time (stablesr-tiny values when the folder is missing: the tests
+# then skip / fail through tiny_ref_dir); test_all_c4_keys_covered checks them against the loaded vectors.
+_KEYS = reference_keys()
+C4_CASES = (
+    _c4_cases(_KEYS)
+    if _KEYS is not None
+    else [(0.0, "c4.decoded_w0"), (0.5, "c4.decoded_w0p5"), (1.0, "c4.decoded_w1")]
+)
 
 
 @pytest.fixture(scope="module")
 def official(tiny_ref_dir):
     return load_official_cfw(tiny_ref_dir)
+
+
+@pytest.fixture(scope="module")
+def cfw_block_out_channels(tiny_ref_dir):
+    """VAE widths of the fixture's CFW autoencoder (ch * ch_mult of config_vqgan_cfw.yaml); (32, 32, 64, 64) here."""
+    scale_factor = ldm_scale_factor(tiny_ref_dir / "config.yaml")
+    config = vae_config_from_ldm_yaml(tiny_ref_dir / "config_vqgan_cfw.yaml", scale_factor)
+    return tuple(config["block_out_channels"])
 
 
 @pytest.fixture
@@ -34,10 +59,23 @@ def _features(tiny_cases):
     return [tiny_cases["c3.enc_fea_0"], tiny_cases["c3.enc_fea_1"]]
 
 
-def _small(tiny_cases):
-    """An 8x8 latent crop of c4.z with the matching feature crops (a tile), to keep the property tests cheap."""
-    fea_0, fea_1 = _features(tiny_cases)
-    return tiny_cases["c4.z"][..., :8, :8], [fea_0[..., :32, :32], fea_1[..., :16, :16]]
+def _small(tiny_cases, size=8):
+    """A (at most) 8x8 latent crop of c4.z with the matching feature crops (a tile), to keep the property tests cheap.
+    The feature crops follow each feature's own size ratio to the latent (4 and 2 for the official VAE)."""
+    z = tiny_cases["c4.z"]
+    h, w = min(size, z.shape[-2]), min(size, z.shape[-1])
+    crops = []
+    for fea in _features(tiny_cases):
+        ry, rx = fea.shape[-2] // z.shape[-2], fea.shape[-1] // z.shape[-1]
+        crops.append(fea[..., : h * ry, : w * rx])
+    return z[..., :h, :w], crops
+
+
+def _decoded_shape(tiny_cases, z):
+    """Shape of the image decoded from latent ``z`` (pixel/latent ratio and channels of the official c5 decode)."""
+    full_z, image = tiny_cases["c4.z"], tiny_cases["c5.decoded"]
+    ry, rx = image.shape[-2] // full_z.shape[-2], image.shape[-1] // full_z.shape[-1]
+    return (z.shape[0], image.shape[1], z.shape[-2] * ry, z.shape[-1] * rx)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -71,8 +109,10 @@ def test_state_dict_keys_follow_levels():
 
 
 @torch.no_grad()
-def test_encode_matches_official_c3(official, tiny_cases):
+def test_encode_matches_official_c3(official, tiny_cases, ref_config):
     vae, adapter, _ = official
+    scale_factor = vae.config.scaling_factor  # the fixture's config.yaml scale_factor (see helpers_cfw)
+    assert scale_factor == ref_config["model"]["params"]["scale_factor"]
     out = adapter.encode_features(vae, tiny_cases["c3.image"])
     assert isinstance(out, CFWEncoderOutput)
     posterior = out.latent_dist
@@ -82,12 +122,25 @@ def test_encode_matches_official_c3(official, tiny_cases):
     assert_close_rel(posterior.std, tiny_cases["c3.posterior_std"], name="c3.posterior_std")
     assert_close_rel(out.encoder_features[0], tiny_cases["c3.enc_fea_0"], name="c3.enc_fea_0")
     assert_close_rel(out.encoder_features[1], tiny_cases["c3.enc_fea_1"], name="c3.enc_fea_1")
-    latent_scaled = SCALE_FACTOR * (posterior.mean + posterior.std * tiny_cases["c3.sample_noise"])
+    latent_scaled = scale_factor * (posterior.mean + posterior.std * tiny_cases["c3.sample_noise"])
     assert_close_rel(latent_scaled, tiny_cases["c3.latent_scaled"], name="c3.latent_scaled")
 
 
+def test_all_c4_keys_covered(tiny_cases, case_meta):
+    """The c4 parametrization was read from this fixture (not the fallback) and covers every weight of its meta."""
+    assert C4_CASES == _c4_cases(tiny_cases)
+    assert [w for w, _ in C4_CASES] == sorted(case_meta["c4"]["w"])
+    assert {k for k in tiny_cases if k.startswith("c4.")} == {"c4.z"} | {key for _, key in C4_CASES}
+
+
+def _fusing_case():
+    """A c4 case with a fidelity weight strictly inside (0, 1) (0.5 in stablesr-tiny), else the largest weight."""
+    inside = [case for case in C4_CASES if 0.0 < case[0] < 1.0]
+    return inside[len(inside) // 2] if inside else C4_CASES[-1]
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("w, key", [(0.0, "c4.decoded_w0"), (0.5, "c4.decoded_w0p5"), (1.0, "c4.decoded_w1")])
+@pytest.mark.parametrize("w, key", C4_CASES)
 def test_decode_matches_official_c4(official, tiny_cases, w, key):
     vae, adapter, _ = official
     image = adapter.decode(vae, tiny_cases["c4.z"], _features(tiny_cases), fidelity_weight=w).sample
@@ -109,9 +162,10 @@ def test_attached_encode_then_decode_matches_official(vae_and_adapter, tiny_case
         vae.encode(tiny_cases["c3.image"])
         assert_close_rel(adapter.encoder_features[0], tiny_cases["c3.enc_fea_0"], name="captured enc_fea_0")
         assert_close_rel(adapter.encoder_features[1], tiny_cases["c3.enc_fea_1"], name="captured enc_fea_1")
-        adapter.fidelity_weight = 0.5
+        w, key = _fusing_case()
+        adapter.fidelity_weight = w
         image = vae.decode(tiny_cases["c4.z"]).sample
-    assert_close_rel(image, tiny_cases["c4.decoded_w0p5"], name="attached c4.decoded_w0p5")
+    assert_close_rel(image, tiny_cases[key], name=f"attached {key}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,12 +218,12 @@ def test_attach_detach_restores_vae_exactly(vae_and_adapter, tiny_cases):
 
 
 @torch.no_grad()
-def test_save_load_round_trip(vae_and_adapter, tiny_cases, tmp_path):
+def test_save_load_round_trip(vae_and_adapter, tiny_cases, tmp_path, cfw_block_out_channels):
     vae, adapter = vae_and_adapter
     adapter.save_pretrained(tmp_path / "cfw")
     assert (tmp_path / "cfw" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = CFWAdapter.from_pretrained(tmp_path / "cfw").eval()
-    assert tuple(loaded.config.block_out_channels) == (32, 32, 64, 64)
+    assert tuple(loaded.config.block_out_channels) == cfw_block_out_channels
     assert tuple(loaded.config.fusion_levels) == (1, 2)
     z, features = _small(tiny_cases)
     expected = adapter.decode(vae, z, features, fidelity_weight=0.5).sample
@@ -180,10 +234,11 @@ def test_save_load_round_trip(vae_and_adapter, tiny_cases, tmp_path):
 def test_feature_size_mismatch_names_the_level(vae_and_adapter, tiny_cases):
     vae, adapter = vae_and_adapter
     fea_0, fea_1 = _features(tiny_cases)
+    half_0 = fea_0[..., : fea_0.shape[-2] // 2, : fea_0.shape[-1] // 2]
     with pytest.raises(ValueError, match="level 1"):
-        adapter.decode(vae, tiny_cases["c4.z"], [fea_0[..., :32, :32], fea_1], fidelity_weight=0.5)
+        adapter.decode(vae, tiny_cases["c4.z"], [half_0, fea_1], fidelity_weight=0.5)
     with pytest.raises(ValueError, match="level 2"):
-        adapter.decode(vae, tiny_cases["c4.z"], [fea_0, fea_1[..., :16]], fidelity_weight=0.5)
+        adapter.decode(vae, tiny_cases["c4.z"], [fea_0, fea_1[..., : fea_1.shape[-1] // 2]], fidelity_weight=0.5)
     with pytest.raises(ValueError, match="level 2"):
         adapter.decode(vae, tiny_cases["c4.z"], [fea_0, fea_0], fidelity_weight=0.5)  # wrong channels
     with pytest.raises(ValueError, match="one per fusion level"):
@@ -191,7 +246,8 @@ def test_feature_size_mismatch_names_the_level(vae_and_adapter, tiny_cases):
     with pytest.raises(ValueError, match="required"):
         adapter.decode(vae, tiny_cases["c4.z"], None, fidelity_weight=0.5)
     # A crop of the latent with the matching crop of the features is fine (tiled decode).
-    assert adapter.decode(vae, *_small(tiny_cases), fidelity_weight=0.5).sample.shape == (1, 3, 64, 64)
+    z, features = _small(tiny_cases)
+    assert adapter.decode(vae, z, features, fidelity_weight=0.5).sample.shape == _decoded_shape(tiny_cases, z)
     with adapter.attached(vae):
         adapter.fidelity_weight = 0.5
         with pytest.raises(ValueError, match="no encoder feature"):
@@ -207,7 +263,7 @@ def test_invalid_fidelity_weight_raises(vae_and_adapter, tiny_cases, w):
         adapter.decode(vae, tiny_cases["c4.z"], _features(tiny_cases), fidelity_weight=w)
 
 
-def test_config_validation(official):
+def test_config_validation(official, cfw_block_out_channels):
     vae, _, _ = official
     with pytest.raises(ValueError, match="out of range"):
         CFWAdapter(block_out_channels=(32, 32, 64, 64), fusion_levels=(4,))
@@ -215,10 +271,10 @@ def test_config_validation(official):
         CFWAdapter(block_out_channels=(32, 32, 64, 64), fusion_levels=(1, 1))
     with pytest.raises(ValueError, match="GroupNorm"):
         CFWAdapter(block_out_channels=(16, 16), fusion_levels=(1,))
-    other = CFWAdapter(block_out_channels=(64, 64, 128, 128))
+    other = CFWAdapter(block_out_channels=tuple(2 * c for c in cfw_block_out_channels))  # not the VAE's widths
     with pytest.raises(ValueError, match="block_out_channels"):
         other.attach(vae)
-    assert CFWAdapter.from_vae(vae).config.block_out_channels == (32, 32, 64, 64)
+    assert CFWAdapter.from_vae(vae).config.block_out_channels == cfw_block_out_channels
 
 
 @torch.no_grad()
@@ -227,7 +283,8 @@ def test_batch_and_slicing(vae_and_adapter, tiny_cases):
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
     enc = adapter.encode_features(vae, images)
-    assert [tuple(f.shape) for f in enc.encoder_features] == [(2, 32, 32, 32), (2, 64, 16, 16)]
+    widths = vae.config.block_out_channels  # features of levels 1 and 2: after one and two downsamples
+    assert [tuple(f.shape) for f in enc.encoder_features] == [(2, widths[1], 32, 32), (2, widths[2], 16, 16)]
     z = enc.latent_dist.mean
     batched = adapter.decode(vae, z, enc.encoder_features, fidelity_weight=0.7).sample
     single = adapter.encode_features(vae, images[1:])
@@ -256,11 +313,12 @@ def test_batch_and_slicing(vae_and_adapter, tiny_cases):
 def test_fusion_runs_in_adapter_dtype(vae_and_adapter, tiny_cases):
     vae, adapter = vae_and_adapter
     z, features = tiny_cases["c4.z"], _features(tiny_cases)
-    reference = adapter.decode(vae, z, features, fidelity_weight=1.0).sample
+    w, key = C4_CASES[-1]  # the largest weight (1.0, c4.decoded_w1 in stablesr-tiny): the most fusion
+    reference = adapter.decode(vae, z, features, fidelity_weight=w).sample
     adapter.to(torch.float64)
-    image = adapter.decode(vae, z, features, fidelity_weight=1.0).sample
+    image = adapter.decode(vae, z, features, fidelity_weight=w).sample
     assert image.dtype == torch.float32
-    assert_close_rel(image, tiny_cases["c4.decoded_w1"], name="float64 fusion")
+    assert_close_rel(image, tiny_cases[key], name="float64 fusion")
     assert_close_rel(image, reference, name="float64 vs float32 fusion")
 
 

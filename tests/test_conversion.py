@@ -27,7 +27,7 @@ def _save(tmp_path, sd, name="ckpt.ckpt", **extra):
     return path
 
 
-def test_every_key_accounted_for(converted_tiny, tiny_state):
+def test_every_key_accounted_for(converted_tiny, tiny_state, ref_prediction_type):
     pipe, report = converted_tiny
     converted = sum(report.converted.values())
     skipped = sum(len(v) for v in report.skipped.values())
@@ -37,7 +37,7 @@ def test_every_key_accounted_for(converted_tiny, tiny_state):
     assert len(report.skipped["1000-step schedule buffers (the scheduler recomputes them)"]) == 12
     assert converted > 0 and skipped > 0
     assert "global_step" in " ".join(report.other_entries)
-    assert report.prediction_type == "epsilon"
+    assert report.prediction_type == ref_prediction_type  # config.yaml parameterization: eps -> epsilon, v -> v_prediction
 
 
 def test_folder_layout_and_stock_parts(converted_tiny):
@@ -54,7 +54,7 @@ def test_folder_layout_and_stock_parts(converted_tiny):
     assert not list(out.rglob("*.bin")), "everything is written as safetensors"
 
 
-def test_pipeline_round_trip_is_exact(converted_tiny):
+def test_pipeline_round_trip_is_exact(converted_tiny, ref_config, ref_prediction_type):
     pipe, _ = converted_tiny
     loaded = StableSRPipeline.from_pretrained(pipe.converted_dir)
     for name in ("unet", "vae", "time_aware_encoder", "sft_adapter", "cfw_adapter", "prompt_embedding"):
@@ -65,19 +65,35 @@ def test_pipeline_round_trip_is_exact(converted_tiny):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     assert loaded.config.default_num_inference_steps == 200
     assert type(loaded.scheduler).__name__ == "StableSRDDPMScheduler"
-    assert loaded.scheduler.config.prediction_type == "epsilon"
+    assert loaded.scheduler.config.prediction_type == ref_prediction_type
+    assert loaded.vae.config.scaling_factor == ref_config["model"]["params"]["scale_factor"]
 
 
-def test_config_from_shapes_equals_config_from_yaml(converted_tiny, tiny_ref_dir, tiny_cases):
+def test_config_from_shapes_equals_config_from_yaml(converted_tiny, tiny_ref_dir, tiny_cases, ref_config,
+                                                    ref_prediction_type):
     pipe, _ = converted_tiny
+    # The parameterization cannot be read from the weights (without a YAML it comes from the file name): pass the
+    # fixture's, as a user converting a v checkpoint without its YAML would.
     from_shapes, report = convert_stablesr_checkpoint(
         tiny_ref_dir / "stablesr_tiny.ckpt",
         tiny_ref_dir / "vqgan_cfw_tiny.ckpt",
         prompt_embeds=tiny_cases["c8.context"][:1],
+        prediction_type=ref_prediction_type,
     )
     assert report.config_source == "shapes"
+    assert report.prediction_type == ref_prediction_type
+    # The UNet's native size is not in the weights either: the YAML's image_size, else 512 (eps) / 768 (v) pixels.
+    yaml_image_size = ref_config["model"]["params"].get("image_size", 512)
+    assert pipe.unet.config.sample_size == yaml_image_size // 8
+    assert from_shapes.unet.config.sample_size == (768 if ref_prediction_type == "v_prediction" else 512) // 8
+    # Nor is the latent scale factor: the YAML's scale_factor, else the SD one.
+    assert pipe.vae.config.scaling_factor == ref_config["model"]["params"]["scale_factor"]
+    assert from_shapes.vae.config.scaling_factor == 0.18215
+    not_in_weights = {"unet": "sample_size", "vae": "scaling_factor"}
     for name in ("unet", "vae", "time_aware_encoder", "sft_adapter", "cfw_adapter"):
         a, b = plain_config(getattr(pipe, name).config), plain_config(getattr(from_shapes, name).config)
+        if name in not_in_weights:
+            a.pop(not_in_weights[name]), b.pop(not_in_weights[name])
         assert a == b, name
 
 
@@ -210,10 +226,11 @@ def _reference_penultimate(sd, ids, heads):
     return torch.nn.functional.layer_norm(x, (width,), sd[p + "ln_final.weight"], sd[p + "ln_final.bias"])
 
 
-def test_open_clip_text_tower_conversion(tmp_path, tiny_state, tiny_ref_dir):
+def test_open_clip_text_tower_conversion(tmp_path, tiny_state, tiny_ref_dir, ref_config):
     """A checkpoint WITH cond_stage_model.* (as the released ones): CLIPTextModel == OpenCLIP penultimate output,
     and the stored empty-prompt embedding equals that output for the ids [SOT, EOT, 0...]."""
-    text = _open_clip_text_tower()
+    # text width = the UNet's cross-attention width (64 in stablesr-tiny)
+    text = _open_clip_text_tower(width=ref_config["model"]["params"]["unet_config"]["params"]["context_dim"])
     path = _save(tmp_path, {**tiny_state, **text}, "with_text.ckpt")
     pipe, report = convert_stablesr_checkpoint(path, original_config=tiny_ref_dir / "config.yaml")
     assert pipe.text_encoder.config.num_hidden_layers == 2

@@ -6,7 +6,7 @@ tables and steps are bit-identical to the official float32 values on CPU.
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, collected_numbers, key_numbers, prediction_type_of
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -17,7 +17,16 @@ from diffusers import (
 
 from stablesr.schedulers import RESPACED_TABLE_NAMES, StableSRDDPMScheduler, space_timesteps
 
-C7_STEPS = [200, 50, 4]
+# Read from the fixture's tensor names at collection time (stablesr-tiny values when the folder is missing: the
+# tests then skip / fail through tiny_ref_dir). test_all_c7_keys_covered checks them against the loaded vectors.
+C7_STEPS_PATTERN = r"c7\.s(\d+)\.timesteps"
+C7_TIE_PATTERN = r"c7\.timesteps_n(\d+)"
+C8_STEP_PATTERN = r"c8\.step(\d+)\.x_out"
+C7_STEPS = collected_numbers(C7_STEPS_PATTERN, [4, 50, 200])
+C7_TIE_N = collected_numbers(C7_TIE_PATTERN, [21, 23, 45])
+C8_STEPS = collected_numbers(C8_STEP_PATTERN, range(4))
+# n for which the official float accumulation is documented (cases.md) to give 499 where round(i * stride) gives 500.
+DOCUMENTED_TIE_N = (21, 23, 45)
 BASE_TABLES = ["betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"]
 
 
@@ -26,20 +35,39 @@ def scheduler():
     return StableSRDDPMScheduler()
 
 
+@pytest.fixture
+def case_scheduler(ref_config):
+    """The scheduler of the fixture's model: its prediction type (config.yaml parameterization: eps or v). The schedule
+    itself is the default one, which the official sampling scripts re-register explicitly (linear, 1000 steps,
+    0.00085 .. 0.0120) whatever the config says."""
+    return StableSRDDPMScheduler(prediction_type=prediction_type_of(ref_config))
+
+
+def test_fixture_parameterization_is_consistent(case_meta, ref_prediction_type):
+    """The parameterization of the sampling cases (cases.json meta) is the one of the fixture's config.yaml."""
+    for case in ("c8", "c9"):
+        assert prediction_type_of({"model": {"params": case_meta[case]}}) == ref_prediction_type, case
+
+
+def _batch_size(tiny_cases, case):
+    return tiny_cases[f"{case}.x_T"].shape[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # space_timesteps
 
 
-@pytest.mark.parametrize("n", [21, 23, 45])
+@pytest.mark.parametrize("n", C7_TIE_N)
 def test_space_timesteps_tie_cases(tiny_cases, n):
     expected = tiny_cases[f"c7.timesteps_n{n}"].tolist()
     assert space_timesteps(1000, n) == expected
     assert space_timesteps(1000, [n]) == expected
     assert space_timesteps(1000, str(n)) == expected
-    assert 499 in expected and 500 not in expected
-    # the naive rounding of i * stride differs, which is the point of these cases
-    naive = sorted({round(i * 999 / (n - 1)) for i in range(n)})
-    assert naive != expected
+    if n in DOCUMENTED_TIE_N:
+        assert 499 in expected and 500 not in expected
+        # the naive rounding of i * stride differs, which is the point of these cases
+        naive = sorted({round(i * 999 / (n - 1)) for i in range(n)})
+        assert naive != expected
 
 
 @pytest.mark.parametrize("n", C7_STEPS)
@@ -91,10 +119,15 @@ def test_respaced_tables(tiny_cases, scheduler, n):
         assert_close_rel(actual, tiny_cases[f"c7.s{n}.{name}"], name=f"c7.s{n}.{name}")
 
 
-def test_all_c7_keys_covered(tiny_cases):
+def test_all_c7_keys_covered(tiny_cases, case_meta):
     """Guards against new c7 vectors silently going untested."""
+    # the parametrizations above were read from this very fixture (not a fallback) and agree with its meta
+    assert C7_STEPS == key_numbers(tiny_cases, C7_STEPS_PATTERN)
+    assert C7_TIE_N == key_numbers(tiny_cases, C7_TIE_PATTERN)
+    assert C8_STEPS == key_numbers(tiny_cases, C8_STEP_PATTERN)
+    assert sorted(case_meta["c7"]["steps"]) == C7_STEPS
     covered = {f"c7.base1000.{k}" for k in BASE_TABLES}
-    covered |= {f"c7.timesteps_n{n}" for n in (21, 23, 45)}
+    covered |= {f"c7.timesteps_n{n}" for n in C7_TIE_N}
     for n in C7_STEPS:
         covered |= {f"c7.s{n}.timesteps"} | {f"c7.s{n}.{k}" for k in RESPACED_TABLE_NAMES}
     assert {k for k in tiny_cases if k.startswith("c7.")} == covered
@@ -146,13 +179,15 @@ def test_set_timesteps_argument_errors(scheduler):
 
 
 @pytest.mark.parametrize(("case", "lr_key"), [("c8", "c8.init_latent"), ("c9", "c9.lr_latent")])
-def test_lq_start_latents(tiny_cases, scheduler, case, lr_key):
+def test_lq_start_latents(tiny_cases, case_meta, case_scheduler, case, lr_key):
+    scheduler = case_scheduler
     lr, noise, expected = tiny_cases[lr_key], tiny_cases[f"{case}.xT_noise"], tiny_cases[f"{case}.x_T"]
     assert_close_rel(scheduler.lq_start_latents(lr, noise), expected, name=f"{case}.x_T (lq_start_latents)")
-    t = torch.full((lr.shape[0],), 999, dtype=torch.int64)
+    # x_T = q_sample at the last training timestep (t = [999] * B for the 1000-step schedule)
+    t = torch.full((lr.shape[0],), scheduler.config.num_train_timesteps - 1, dtype=torch.int64)
     assert_close_rel(scheduler.add_noise(lr, noise, t), expected, name=f"{case}.x_T (add_noise)")
     # independent of any respacing
-    scheduler.set_timesteps(4)
+    scheduler.set_timesteps(case_meta[case]["ddpm_steps"])
     assert_close_rel(scheduler.lq_start_latents(lr, noise), expected, name=f"{case}.x_T after set_timesteps")
 
 
@@ -167,16 +202,23 @@ def test_lq_start_latents_draws_noise(scheduler):
 # sampling steps (cases c8, c9)
 
 
-def test_c8_step_timesteps(tiny_cases, scheduler):
-    scheduler.set_timesteps(4)
+def test_c8_step_timesteps(tiny_cases, case_meta, case_scheduler):
+    scheduler = case_scheduler
+    meta = case_meta["c8"]
+    scheduler.set_timesteps(meta["ddpm_steps"])
+    assert scheduler.ori_timesteps.tolist() == meta["ori_timesteps"]
+    assert len(C8_STEPS) == meta["ddpm_steps"]
+    batch = _batch_size(tiny_cases, "c8")
     for s, t in enumerate(scheduler.timesteps.tolist()):
-        assert tiny_cases[f"c8.step{s}.t_orig"].tolist() == [t, t]
+        assert tiny_cases[f"c8.step{s}.t_orig"].tolist() == [t] * batch
         assert scheduler.respaced_index(t).item() == tiny_cases[f"c8.step{s}.t_index"][0].item()
+        assert tiny_cases[f"c8.step{s}.t_index"].tolist() == [meta["ddpm_steps"] - 1 - s] * batch
 
 
-@pytest.mark.parametrize("s", range(4))
-def test_c8_step(tiny_cases, scheduler, s):
-    scheduler.set_timesteps(4)
+@pytest.mark.parametrize("s", C8_STEPS)
+def test_c8_step(tiny_cases, case_meta, case_scheduler, s):
+    scheduler = case_scheduler
+    scheduler.set_timesteps(case_meta["c8"]["ddpm_steps"])
     p = f"c8.step{s}."
     x_in, model_out, noise = tiny_cases[p + "x_in"], tiny_cases[p + "model_out"], tiny_cases[p + "noise"]
     for timestep in (tiny_cases[p + "t_orig"], int(scheduler.timesteps[s])):  # per-sample batch and scalar
@@ -188,15 +230,18 @@ def test_c8_step(tiny_cases, scheduler, s):
         assert_close_rel(log_variance, tiny_cases[p + "model_log_variance"], name=p + "model_log_variance")
 
 
-def test_c8_chain_is_consistent(tiny_cases):
+def test_c8_chain_is_consistent(tiny_cases, case_meta):
+    steps = case_meta["c8"]["ddpm_steps"]
+    assert key_numbers(tiny_cases, C8_STEP_PATTERN) == list(range(steps))
     assert torch.equal(tiny_cases["c8.step0.x_in"], tiny_cases["c8.x_T"])
-    for s in range(3):
+    for s in range(steps - 1):
         assert torch.equal(tiny_cases[f"c8.step{s + 1}.x_in"], tiny_cases[f"c8.step{s}.x_out"])
-    assert torch.equal(tiny_cases["c8.step3.x_out"], tiny_cases["c8.samples"])
+    assert torch.equal(tiny_cases[f"c8.step{steps - 1}.x_out"], tiny_cases["c8.samples"])
 
 
-def test_c9_canvas_step(tiny_cases, scheduler):
-    scheduler.set_timesteps(4)
+def test_c9_canvas_step(tiny_cases, case_meta, case_scheduler):
+    scheduler = case_scheduler
+    scheduler.set_timesteps(case_meta["c9"]["ddpm_steps"])
     t = tiny_cases["c9.step.t_orig"]
     assert scheduler.respaced_index(t).tolist() == tiny_cases["c9.step.t_index"].tolist()
     x_T = tiny_cases["c9.x_T"]
@@ -256,16 +301,20 @@ def test_v_prediction_recovers_x0():
         assert_close_rel(pred, x0, name=f"v-pred x0 at t={t}")
 
 
-def test_matches_stock_ddpm_custom_timesteps(tiny_cases, scheduler):
+def test_matches_stock_ddpm_custom_timesteps(tiny_cases, case_meta, case_scheduler):
     """Sanity: diffusers' DDPMScheduler on the same timesteps is algebraically the same sampler."""
-    scheduler.set_timesteps(4)
+    scheduler = case_scheduler
+    steps = case_meta["c8"]["ddpm_steps"]
+    scheduler.set_timesteps(steps)
     stock = DDPMScheduler.from_config(scheduler.config)
     stock.set_timesteps(timesteps=scheduler.timesteps.tolist())
-    x, eps = tiny_cases["c8.step1.x_in"], tiny_cases["c8.step1.model_out"]
-    ours = scheduler.step(eps, 666, x, variance_noise=torch.zeros_like(x)).prev_sample
+    s = min(1, steps - 1)  # a middle step where there is one (666 of [999, 666, 333, 0])
+    t = int(scheduler.timesteps[s])
+    x, eps = tiny_cases[f"c8.step{s}.x_in"], tiny_cases[f"c8.step{s}.model_out"]
+    ours = scheduler.step(eps, t, x, variance_noise=torch.zeros_like(x)).prev_sample
     # stock adds its own noise at t > 0: compare the mean part through pred_x0 instead
-    ref = stock.step(eps, 666, x, generator=torch.Generator().manual_seed(0)).pred_original_sample
-    assert_close_rel(scheduler.step(eps, 666, x).pred_original_sample, ref, rtol=1e-3, name="stock pred_x0")
+    ref = stock.step(eps, t, x, generator=torch.Generator().manual_seed(0)).pred_original_sample
+    assert_close_rel(scheduler.step(eps, t, x).pred_original_sample, ref, rtol=1e-3, name="stock pred_x0")
     assert ours.shape == x.shape
 
 
@@ -329,8 +378,9 @@ def test_save_load_round_trip(tmp_path, scheduler, tiny_cases):
     loaded = StableSRDDPMScheduler.from_pretrained(tmp_path)
     assert dict(loaded.config) == dict(scheduler.config)
     assert torch.equal(loaded.alphas_cumprod, scheduler.alphas_cumprod)
-    loaded.set_timesteps(200)
-    assert torch.equal(loaded.ori_timesteps, tiny_cases["c7.s200.timesteps"])
+    n = max(key_numbers(tiny_cases, C7_STEPS_PATTERN))  # 200 in stablesr-tiny
+    loaded.set_timesteps(n)
+    assert torch.equal(loaded.ori_timesteps, tiny_cases[f"c7.s{n}.timesteps"])
     # a stock scheduler can read the saved file too
     assert DDIMScheduler.from_pretrained(tmp_path).config.prediction_type == "v_prediction"
 

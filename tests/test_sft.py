@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import assert_close_rel, plain_config
+from conftest import assert_close_rel, feature_widths, plain_config
 from stablesr.models.sft import SFTAdapter, SFTConv2d
 
 
@@ -147,7 +147,7 @@ def test_round_trip_and_gradient_checkpointing(tmp_path):
 def test_official_vectors_c2(converted_tiny, tiny_cases):
     """c2: UNetModelDualcondV2(x, t, context, struct_cond) == stock UNet + attached SFT; 1e-4 relative."""
     pipe, _ = converted_tiny
-    feats = tuple(tiny_cases[f"c1.enc_out_{w}"] for w in (32, 16, 8, 4))
+    feats = tuple(tiny_cases[f"c1.enc_out_{w}"] for w in feature_widths(tiny_cases, "c1."))  # largest width first
     with pipe.sft_adapter.attached(pipe.unet):
         pipe.sft_adapter.set_condition(feats)
         out = pipe.unet(tiny_cases["c2.x"], tiny_cases["c2.timesteps"], encoder_hidden_states=tiny_cases["c2.context"])

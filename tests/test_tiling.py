@@ -32,27 +32,31 @@ def _official_count(size: int, tile: int, overlap: int) -> int:
 # --- official vectors -------------------------------------------------------------------------------------------
 
 
-def test_gaussian_weights_match_official(tiny_cases):
-    expected = tiny_cases["c9.tile_weights"]  # (1, 4, 16, 16) float64: the same 2-D map tiled over channels
-    weights = gaussian_tile_weights(16, 16)
-    assert weights.dtype == torch.float64 and weights.shape == (16, 16)
+def test_gaussian_weights_match_official(tiny_cases, case_meta):
+    tile = case_meta["c9"]["tile_size"]
+    expected = tiny_cases["c9.tile_weights"]  # (1, C, tile, tile) float64: the same 2-D map tiled over channels
+    weights = gaussian_tile_weights(tile, tile)
+    assert weights.dtype == torch.float64 and weights.shape == (tile, tile)
     rel = assert_close_rel(weights.expand_as(expected), expected, name="c9.tile_weights")
     assert rel <= 1e-4
     elementwise = ((weights - expected[0, 0]).abs() / expected[0, 0]).max().item()
     assert elementwise < 1e-12
 
 
-def test_tile_boxes_match_official(tiny_cases):
-    boxes = tile_grid(24, 40, 16, 8)
+def test_tile_boxes_match_official(tiny_cases, case_meta):
+    meta = case_meta["c9"]
+    height, width = meta["latent_shape"][-2:]
+    boxes = tile_grid(height, width, meta["tile_size"], meta["tile_overlap"])
+    assert boxes == [tuple(b) for b in meta["tile_boxes_yyxx"]]
     assert torch.equal(torch.tensor(boxes, dtype=torch.int64), tiny_cases["c9.tile_boxes"])
 
 
-def test_accumulator_matches_official_stitching(tiny_cases):
+def test_accumulator_matches_official_stitching(tiny_cases, case_meta):
     # c9.step.model_out = sum(tile_out * w) / sum(w) over the tiles of c9.tile_boxes, as stitched by the official code.
     tile_outs = tiny_cases["c9.step.tile_model_out"]
     expected = tiny_cases["c9.step.model_out"]
     acc = TileAccumulator(expected.shape, expected.device)
-    weights = gaussian_tile_weights(16, 16)
+    weights = gaussian_tile_weights(case_meta["c9"]["tile_size"], case_meta["c9"]["tile_size"])
     for box, tile_out in zip(tiny_cases["c9.tile_boxes"].tolist(), tile_outs, strict=True):
         acc.add(box, tile_out, weights)
     result = acc.result()

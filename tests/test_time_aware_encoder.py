@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import assert_close_rel, plain_config, realign
+from conftest import assert_close_rel, feature_widths, plain_config, realign
 from stablesr.models.time_aware_encoder import TimeAwareEncoder
 
 TINY = dict(model_channels=32, out_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2)
@@ -104,6 +104,7 @@ def test_official_vectors_c1(converted_tiny, tiny_cases):
     """c1: EncoderUNetModelWT(lr_latent, t) -> dict keyed by width; 1e-4 relative."""
     pipe, _ = converted_tiny
     feats = pipe.time_aware_encoder(tiny_cases["c1.lr_latent"], tiny_cases["c1.timesteps"]).features
-    widths = [32, 16, 8, 4]
-    for feat, w in zip(feats, widths):
+    widths = feature_widths(tiny_cases, "c1.")  # [32, 16, 8, 4] for stablesr-tiny: largest first, as returned
+    assert len(feats) == len(widths)
+    for feat, w in zip(feats, widths, strict=True):
         assert_close_rel(feat, tiny_cases[f"c1.enc_out_{w}"], name=f"c1.enc_out_{w}")
