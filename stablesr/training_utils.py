@@ -30,6 +30,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "CHECKPOINT_PREFIX",
     "TrainState",
+    "check_data_parallel_only",
     "check_distributed_launch",
     "latest_checkpoint",
     "list_checkpoints",
@@ -240,6 +241,30 @@ def check_distributed_launch(accelerator) -> None:
             "machine without GPUs set ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
             "--num_processes N ...`, gloo backend); `accelerate launch --cpu` only starts several processes via MPI"
         )
+
+
+_SHARDED_ENGINES = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED",
+                    "MEGATRON_LM": "ACCELERATE_USE_MEGATRON_LM"}
+
+
+def check_data_parallel_only(accelerator, why: str) -> None:
+    """Refuse a launch that asks for FSDP, DeepSpeed or Megatron-LM in a script that supports only data parallelism
+    (one process, DDP, or gloo on CPUs); ``why`` (the script's reasons) goes into the error.
+
+    Checks both the engine accelerate chose and the one the launcher asked for: on a machine without GPUs,
+    ``accelerate launch --use_fsdp`` with ``ACCELERATE_USE_CPU=1`` silently runs plain DDP (accelerate 1.x selects
+    FSDP/DeepSpeed only for GPU-like devices), which should not pass for an FSDP run either.
+    """
+    chosen = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    requested = [name for name, env in _SHARDED_ENGINES.items() if os.environ.get(env, "false").lower() in ("1", "true")]
+    engine = chosen if chosen in _SHARDED_ENGINES else (requested[0] if requested else None)
+    if engine is None:
+        return
+    raise NotImplementedError(
+        f"{engine} is not supported by this script (accelerate runs {chosen}): {why} Launch with one process or "
+        "DDP instead (configs/accelerate/single_gpu.yaml, multi_gpu.yaml, multi_node.yaml; on CPUs "
+        "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`)."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ hook dispatch

@@ -56,6 +56,7 @@ from stablesr.models.cfw import CFWAdapter
 from stablesr.training_utils import (
     CHECKPOINT_PREFIX,
     TrainState,
+    check_data_parallel_only,
     check_distributed_launch,
     register_checkpoint_hooks,
     remove_stale_temporaries,
@@ -295,6 +296,9 @@ def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     check_distributed_launch(accelerator)
+    # The checkpoint hooks and the final save read the fusion layers through their modules (FSDP shards them).
+    check_data_parallel_only(accelerator, "the checkpoint hooks and the final save read the trainable fusion "
+                             "layers through their (FSDP-sharded) modules, and DeepSpeed takes one model only.")
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:

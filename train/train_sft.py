@@ -55,6 +55,7 @@ from stablesr.pipelines.pipeline_stablesr import StableSRPipeline
 from stablesr.schedulers import StableSRDDPMScheduler
 from stablesr.training_utils import (
     TrainState,
+    check_data_parallel_only,
     check_distributed_launch,
     load_yaml,
     make_generator,
@@ -71,6 +72,17 @@ logger = get_logger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# Why FSDP/DeepSpeed are refused at start-up (each found with FSDP forced on for 2 gloo processes, accelerate 1.15 /
+# torch 2.13; none of them depends on the device): the UNet and the encoder are prepared as two models sharing one
+# optimizer (accelerate's FSDP checkpoint pairs optimizer i with model i -> KeyError in FSDP.optim_state_dict; FSDP2
+# and DeepSpeed take one model only); the checkpoint hooks, the final save, EMA and validation read the encoder/SFT
+# weights through their modules, which FSDP(use_orig_params) leaves holding flattened local shards (the saved
+# pipeline does not load); clip_grad_norm_ of the trainable subset computes a per-shard norm; a bf16 frozen UNet and
+# float32 SFT layers cannot share an FSDP1 flat parameter.
+SHARDING_UNSUPPORTED = (
+    "the UNet and the time-aware encoder are two prepared models sharing one optimizer, and the checkpoint hooks "
+    "and the final save read the trainable encoder/SFT weights through their (FSDP-sharded) modules."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,6 +357,7 @@ def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     check_distributed_launch(accelerator)
+    check_data_parallel_only(accelerator, SHARDING_UNSUPPORTED)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
