@@ -24,6 +24,9 @@ COLOR_FIX_METHODS: tuple[str, ...] = ("wavelet", "adain", "none")
 # Number of a-trous levels (dilations 1, 2, 4, 8, 16) and the variance epsilon, both as in the official code.
 _WAVELET_LEVELS = 5
 _ADAIN_EPS = 1e-5
+# Images above this many pixels get the wavelet fix in row strips of about _WAVELET_STRIP_PIXELS pixels.
+_WAVELET_SINGLE_PASS_PIXELS = 4 * 2**20
+_WAVELET_STRIP_PIXELS = 2**20
 
 
 def _prepare(content: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +80,9 @@ def _wavelet_decomposition(image: torch.Tensor, levels: int = _WAVELET_LEVELS) -
     return high, low
 
 
-def wavelet_color_fix(content: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def wavelet_color_fix(
+    content: torch.Tensor, reference: torch.Tensor, strip_rows: int | None = None
+) -> torch.Tensor:
     r"""
     Replaces the low-frequency band of `content` with that of `reference` (StableSR's "wavelet" color fix).
 
@@ -92,6 +97,10 @@ def wavelet_color_fix(content: torch.Tensor, reference: torch.Tensor) -> torch.T
         reference (`torch.Tensor` of shape `(batch or 1, channels, ref_height, ref_width)`):
             Color reference (the low-resolution input), values in `[-1, 1]`. If its spatial size differs from the
             content's, it is first resized to the content's size with bicubic interpolation.
+        strip_rows (`int`, *optional*):
+            Process the image in strips of this many rows (each with a 31-row margin, the transform's reach), so
+            the ~8 image-sized temporaries of one pass become strip-sized; the result equals the one-pass result
+            (up to float rounding in the convolutions). Default: one pass up to 4 MP, else strips of ~1 MP.
 
     Returns:
         `torch.Tensor` of shape `(batch, channels, height, width)` in the dtype of `content`. Computed in float32;
@@ -99,9 +108,26 @@ def wavelet_color_fix(content: torch.Tensor, reference: torch.Tensor) -> torch.T
     """
     out_dtype = content.dtype
     content, reference = _prepare(content, reference)
-    content_high, _ = _wavelet_decomposition(content)
-    _, reference_low = _wavelet_decomposition(reference)
-    return (content_high + reference_low).to(out_dtype)
+    height, width = content.shape[-2:]
+    if strip_rows is None:
+        strip_rows = height if height * width <= _WAVELET_SINGLE_PASS_PIXELS else max(64, _WAVELET_STRIP_PIXELS // width)
+    if strip_rows <= 0:
+        raise ValueError(f"strip_rows must be positive, got {strip_rows}")
+    if strip_rows >= height:
+        content_high, _ = _wavelet_decomposition(content)
+        _, reference_low = _wavelet_decomposition(reference)
+        return (content_high + reference_low).to(out_dtype)
+    # Row strips with a margin of the transform's reach: every kept row sees exactly the pixels (and, at the image
+    # border, the replicate padding) it sees in one pass, so the temporaries are strip-sized.
+    margin = 2**_WAVELET_LEVELS - 1
+    out = torch.empty(content.shape, dtype=out_dtype, device=content.device)
+    for y0 in range(0, height, strip_rows):
+        y1 = min(height, y0 + strip_rows)
+        a, b = max(0, y0 - margin), min(height, y1 + margin)
+        content_high, _ = _wavelet_decomposition(content[..., a:b, :])
+        _, reference_low = _wavelet_decomposition(reference[..., a:b, :])
+        out[..., y0:y1, :] = (content_high + reference_low)[..., y0 - a : y1 - a, :]
+    return out
 
 
 def _channel_mean_std(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
