@@ -178,9 +178,8 @@ def interleaved(bench: StepBench, names: list[str], pairs: int):
             (w, c), _ = bench.run(name)
             wall[name].append(w)
             cpu[name].append(c)
-        print("  round %d (wall/cpu s): %s  load %.1f" % (
-            round_index + 1, "  ".join(f"{n}={wall[n][-1]:.2f}/{cpu[n][-1]:.2f}" for n in names), os.getloadavg()[0]),
-            flush=True)
+        timings = "  ".join(f"{n}={wall[n][-1]:.2f}/{cpu[n][-1]:.2f}" for n in names)
+        print(f"  round {round_index + 1} (wall/cpu s): {timings}  load {os.getloadavg()[0]:.1f}", flush=True)
     return wall, cpu
 
 
@@ -252,7 +251,7 @@ def main() -> None:
         f_sft = flops["b"] - flops["a"] - flops["e"]
         for label, times in (("wall", wall_times), ("process CPU", cpu_times)):
             med = {n: statistics.median(v) for n, v in times.items()}
-            round_ratios = [b / a for a, b in zip(times["a"], times["b"])]
+            round_ratios = [b / a for a, b in zip(times["a"], times["b"], strict=True)]
             time_ratio = statistics.median(round_ratios)
             gap = (time_ratio / flop_ratio - 1) * 100
             t_sft = med["b"] - med["a"] - med["e"]

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import REPO_ROOT
 
 OFFICIAL_KEYS_DIR = REPO_ROOT.parent / "shared" / "reference" / "official-keys"

@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
+from conftest import assert_close_rel, plain_config
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from conftest import assert_close_rel, plain_config, realign
 from stablesr.checkpoint_io import CheckpointError, UnsafeCheckpointError, load_checkpoint
 from stablesr.conversion import ConversionError, convert_stablesr_checkpoint
 from stablesr.pipelines.pipeline_stablesr import StableSRPipeline

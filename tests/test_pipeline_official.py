@@ -7,8 +7,8 @@ meta, tensor names / shapes) and the scale factor / prediction type from the con
 tests run on every vector folder of this format."""
 
 import torch
-
 from conftest import assert_close_rel, feature_widths
+
 from stablesr import vae_tiling
 from stablesr.color import color_fix
 

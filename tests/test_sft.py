@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import assert_close_rel, feature_widths, plain_config
 from diffusers import UNet2DConditionModel
 
-from conftest import assert_close_rel, feature_widths, plain_config
 from stablesr.models.sft import SFTAdapter, SFTConv2d
 
 
@@ -81,7 +81,7 @@ def test_matches_resblockdual_formula():
 def test_levels_follow_official_routing():
     unet = tiny_unet()
     adapter = SFTAdapter.from_unet(unet, cond_channels=16)
-    levels = dict(zip(adapter.config.target_modules, adapter.config.target_levels))
+    levels = dict(zip(adapter.config.target_modules, adapter.config.target_levels, strict=True))
     assert levels["down_blocks.0.resnets.0.conv2"] == 0
     assert levels["down_blocks.1.resnets.0.conv2"] == 1
     assert levels["mid_block.resnets.1.conv2"] == 1
@@ -125,7 +125,7 @@ def test_round_trip_and_gradient_checkpointing(tmp_path):
     adapter.save_pretrained(tmp_path)
     loaded = SFTAdapter.from_pretrained(tmp_path)
     assert plain_config(loaded.config) == plain_config(adapter.config)
-    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), loaded.state_dict().values(), strict=True))
 
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
     grads = []
@@ -140,7 +140,7 @@ def test_round_trip_and_gradient_checkpointing(tmp_path):
         grads.append([p.grad.clone() for p in loaded.parameters()] + [f.grad.clone() for f in feats])
         loaded.zero_grad()
     assert unet.is_gradient_checkpointing
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import assert_close_rel, feature_widths, plain_config, realign
+
 from stablesr.models.time_aware_encoder import TimeAwareEncoder
 
 TINY = dict(model_channels=32, out_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2)
@@ -39,7 +39,7 @@ def test_scalar_timestep_broadcasts_and_bad_input_raises():
     x = torch.randn(2, 4, 16, 16)
     a = enc(x, 500).features
     b = enc(x, torch.tensor([500, 500])).features
-    for fa, fb in zip(a, b):
+    for fa, fb in zip(a, b, strict=True):
         torch.testing.assert_close(fa, fb)
     with pytest.raises(ValueError, match="latent"):
         enc(torch.randn(2, 3, 16, 16), 1)
@@ -74,14 +74,14 @@ def test_save_load_round_trip_and_determinism(tmp_path):
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = TimeAwareEncoder.from_pretrained(tmp_path)
     assert plain_config(loaded.config) == plain_config(enc.config)
-    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), loaded.state_dict().values(), strict=True))
     # from_pretrained leaves the tensors inside the safetensors buffer at 8-byte (not 64-byte) alignment, which makes
     # CPU kernels take other vector paths (~1e-6 differences). Re-allocated, the outputs are bit-identical.
     realign(loaded)
     after = loaded(x, t).features
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(before, enc(x, t).features):
+    for a, b in zip(before, enc(x, t).features, strict=True):
         assert torch.equal(a, b)
 
 
@@ -96,7 +96,7 @@ def test_gradient_checkpointing_same_grads():
         loss = sum(f.square().mean() for f in enc(x, t).features)
         loss.backward()
         grads.append([p.grad.clone() for p in enc.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
