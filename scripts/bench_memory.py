@@ -46,13 +46,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "stablesr-tiny"
 
-# Output-sized buffers alive at once in the decode phase, counted from the code: 8 float32 RGB images (12 B/px) in the
-# wavelet color fix (decoded image, content "high" kept while the reference is decomposed, reference "high" and
-# "low", replicate-padded copy, blurred, (low - blurred) temporary, new "high"), the float32 1-channel weight_sum of
-# the tiled decode (4 B/px) and the uint8 RGB output (3 B/px): ~104 B/px. (The upsampled LQ image, 12 B/px, is held
-# across the phases and counted in the phase's entry RSS.) Measured: the decode transient grows by ~105 B/px from
-# 2048^2 to 4096^2.
-IMAGE_BYTES_PER_PIXEL = 104
+# Output-sized buffers per output pixel, measured as the growth of peak - base from 2048^2 to 4096^2 outputs (tiny
+# model, VAE tile 1024, after the wavelet color fix went to row strips): ~75 B/px. They are the upsampled LQ image held
+# across the phases (12 B/px float32 RGB), the tiled decode's float32 accumulator, weight sum and normalised result
+# (28 B/px), the color-fixed copy (12 B/px) and the float -> uint8 output conversion (~15 B/px).
+IMAGE_BYTES_PER_PIXEL = 75
 
 
 def _status_kb(field: str) -> int:
