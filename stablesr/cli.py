@@ -10,7 +10,7 @@ from pathlib import Path
 DEFAULT_MODEL = "Iceclear/StableSR"
 # The official release on the Hub is a pair of Lightning checkpoints, converted once and cached.
 HUB_FILES = {"Iceclear/StableSR": ("stablesr_000117.ckpt", "vqgan_cfw_00011.ckpt")}
-SCHEDULERS = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
+SCHEDULERS = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")  # built by schedulers.scheduler_from_name
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 logger = logging.getLogger("stablesr")
@@ -85,23 +85,9 @@ def _pipeline_from_hub(repo_id: str, torch_dtype):
 
 
 def _make_scheduler(pipe, name: str):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+    from .schedulers import scheduler_from_name
 
-    from .schedulers import StableSRDDPMScheduler
-
-    classes = {
-        "ddpm": StableSRDDPMScheduler,
-        "ddim": DDIMScheduler,
-        "dpmsolver": DPMSolverMultistepScheduler,
-        "unipc": UniPCMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-    }
-    pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
 
 
 def _output_path(outdir: Path, src: Path, suffix: str, tag: str = "") -> Path:

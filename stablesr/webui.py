@@ -23,7 +23,6 @@ Python use::
 from __future__ import annotations
 
 import atexit
-import inspect
 import ipaddress
 import logging
 import math
@@ -131,10 +130,11 @@ def _pipe_lock(pipe) -> threading.Lock:
 
 
 def _scheduler(pipe, name: str):
-    """The scheduler ``name`` for ``pipe``, built once from the pipeline's original scheduler config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+    """The scheduler ``name`` for ``pipe``, built once from the pipeline's original scheduler config.
 
-    from .schedulers import StableSRDDPMScheduler
+    (The pipeline passes ``generator=`` to ``step`` only when the scheduler takes it, so UniPC needs no wrapper.)
+    """
+    from .schedulers import StableSRDDPMScheduler, scheduler_from_name
 
     with _REGISTRY_LOCK:
         cache = _PIPE_SCHEDULERS.get(pipe)
@@ -144,32 +144,8 @@ def _scheduler(pipe, name: str):
             if isinstance(original, StableSRDDPMScheduler):
                 cache["ddpm"] = original
         if name not in cache:
-            classes = {
-                "ddpm": StableSRDDPMScheduler,
-                "ddim": DDIMScheduler,
-                "dpmsolver": DPMSolverMultistepScheduler,
-                "unipc": UniPCMultistepScheduler,
-                "euler": EulerDiscreteScheduler,
-            }
-            if name not in classes:
-                raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
-            cls = _with_generator_kwarg(classes[name])
-            accepted = inspect.signature(cls.__init__).parameters
-            # Only the keys this class takes (the official DDPM config has extras that others would warn about).
-            cache[name] = cls.from_config({k: v for k, v in cache["_config"].items() if k in accepted})
+            cache[name] = scheduler_from_name(name, cache["_config"])
         return cache[name]
-
-
-def _with_generator_kwarg(cls):
-    """``cls``, or a subclass whose ``step`` accepts (and ignores) ``generator=``: the pipeline passes one to every
-    scheduler, and deterministic ones such as UniPC have no such argument."""
-    if "generator" in inspect.signature(cls.step).parameters:
-        return cls
-
-    def step(self, *args, generator=None, **kwargs):
-        return cls.step(self, *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"step": step, "__module__": cls.__module__})
 
 
 # --------------------------------------------------------------------------------------------------------- limits

@@ -138,18 +138,25 @@ def test_ui_parser_and_missing_gradio_hint(monkeypatch, capsys):
         webui.build_app(object())
 
 
-def test_every_scheduler_choice_steps_with_the_pipelines_generator_kwarg(ui_pipe):
+def test_every_scheduler_choice_samples_with_a_generator(ui_pipe):
+    """Every dropdown choice is built once per pipeline from its original config and samples through the pipeline
+    with a generator (the pipeline passes ``generator=`` only to schedulers whose ``step`` takes it, e.g. not UniPC)."""
+    import numpy as np
     import torch
 
-    for _, name in webui.SCHEDULER_CHOICES:
-        scheduler = webui._scheduler(ui_pipe, name)
-        assert scheduler is webui._scheduler(ui_pipe, name), "built once per pipeline"
-        assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.num_train_timesteps == 1000
-        scheduler.set_timesteps(2)
-        x = torch.randn(1, 4, 8, 8)
-        t = scheduler.timesteps[0]
-        out = scheduler.step(torch.randn_like(x), t, scheduler.scale_model_input(x, t), generator=torch.Generator())
-        assert out.prev_sample.shape == x.shape, name
+    original = ui_pipe.scheduler
+    lq = Image.fromarray(data.chelsea()[:32, :32])
+    try:
+        for _, name in webui.SCHEDULER_CHOICES:
+            scheduler = webui._scheduler(ui_pipe, name)
+            assert scheduler is webui._scheduler(ui_pipe, name), "built once per pipeline"
+            assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.num_train_timesteps == 1000
+            ui_pipe.scheduler = scheduler
+            out = ui_pipe(lq, upscale=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                          output_type="np").images
+            assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all(), name
+    finally:
+        ui_pipe.scheduler = original
 
 
 def test_cli_registers_ui(monkeypatch, capsys):
