@@ -197,6 +197,11 @@ class _SkipLog:
         return int(self.skips.value)
 
 
+def _check_small_images(small_images: str) -> None:
+    if small_images not in SMALL_IMAGE_MODES:
+        raise ValueError(f"small_images must be one of {SMALL_IMAGE_MODES}, got {small_images!r}")
+
+
 class ImageFolderBase(Dataset):
     """Shared machinery of the folder datasets: epoch-seeded randomness and lazy bad-file substitution."""
 
@@ -211,6 +216,13 @@ class ImageFolderBase(Dataset):
         self.max_tries = max_tries
         self.epoch = 0
         self._skip_log = _SkipLog(size, self.name)
+
+    def _set_filters(self, min_pixels: int, min_file_kb: float, small_images: str) -> None:
+        """The per-file filters of the folder datasets (see [`HQImageDataset`]); validated before any file is read."""
+        _check_small_images(small_images)
+        self.min_pixels = int(min_pixels)
+        self.min_file_kb = float(min_file_kb)
+        self.small_images = small_images
 
     def set_epoch(self, epoch: int) -> None:
         """Make crops/flips depend on the epoch (called by the training loop before each epoch)."""
@@ -302,15 +314,11 @@ class HQImageDataset(ImageFolderBase):
         small_images: str = "pad",
         seed: int = 0,
     ):
-        if small_images not in SMALL_IMAGE_MODES:
-            raise ValueError(f"small_images must be one of {SMALL_IMAGE_MODES}, got {small_images!r}")
+        self._set_filters(min_pixels, min_file_kb, small_images)
         self.paths = list(iter_image_files(roots, recursive=True))
         if face_roots:
             faces = list(iter_image_files(face_roots, recursive=True))
             self.paths += faces if num_face is None else faces[: int(num_face)]
-        self.min_pixels = int(min_pixels)
-        self.min_file_kb = float(min_file_kb)
-        self.small_images = small_images
         super().__init__(len(self.paths), gt_size, seed, use_hflip)
 
     def __len__(self) -> int:
@@ -364,8 +372,7 @@ class PairedImageDataset(ImageFolderBase):
         small_images: str = "pad",
         seed: int = 0,
     ):
-        if small_images not in SMALL_IMAGE_MODES:
-            raise ValueError(f"small_images must be one of {SMALL_IMAGE_MODES}, got {small_images!r}")
+        self._set_filters(min_pixels, min_file_kb, small_images)
         if not isinstance(scale, int) or scale < 1 or gt_size % scale:
             raise ValueError(f"scale must be a positive integer dividing gt_size={gt_size}, got {scale!r}")
         lq_root, gt_root = Path(lq_root), Path(gt_root)
@@ -384,9 +391,6 @@ class PairedImageDataset(ImageFolderBase):
             logger.warning(f"paired data: {len(unmatched)} file(s) without a partner are ignored, e.g. {unmatched[:5]}")
         self.pairs = [(lq[k], gt[k]) for k in keys]
         self.scale = scale
-        self.min_pixels = int(min_pixels)
-        self.min_file_kb = float(min_file_kb)
-        self.small_images = small_images
         super().__init__(len(self.pairs), gt_size, seed, use_hflip)
 
     def __len__(self) -> int:
@@ -671,8 +675,7 @@ class TarShardDataset(_StreamBase):
         world_size: int | None = None,
     ):
         super().__init__(seed, rank, world_size)
-        if small_images not in SMALL_IMAGE_MODES:
-            raise ValueError(f"small_images must be one of {SMALL_IMAGE_MODES}, got {small_images!r}")
+        _check_small_images(small_images)
         self.urls = expand_shard_urls(urls)
         self.gt_size = gt_size
         self.scale = scale
