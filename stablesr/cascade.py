@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .image_io import as_pil_list
+from .image_processor import as_pil_list
 
 __all__ = ["cascade_upscale", "plan_cascade"]
 

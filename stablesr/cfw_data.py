@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from . import vae_tiling
 from .degradation import DegradationConfig, RealESRGANDegradation
-from .image_io import from_tensor, iter_image_files, load_image, save_image, to_tensor
+from .image_io import iter_image_files, load_image, save_image
+from .image_processor import from_tensor, to_tensor
 
 logger = logging.get_logger(__name__)
 

@@ -7,8 +7,6 @@ Everything that touches image files or converts between image containers lives h
   and, when there is one, the fix.
 - [`save_image`] writes atomically (temporary file in the same folder, `fsync`, `os.replace`), never overwrites by
   accident and re-attaches alpha, ICC profile and EXIF where the format can hold them.
-- [`to_tensor`], [`from_tensor`] and [`as_pil_list`] convert between PIL images, numpy arrays and torch tensors with
-  documented shapes, ranges and rounding.
 - [`iter_image_files`] expands files, folders and glob patterns into the list of images to process.
 
 Pillow's global switches are respected: `ImageFile.LOAD_TRUNCATED_IMAGES` is never turned on (a truncated file is an
@@ -19,11 +17,9 @@ error, never a silently grey-padded image), and the decompression-bomb guard is 
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
 import re
-import secrets
 import struct
 import threading
 from collections.abc import Sequence
@@ -32,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from .file_utils import atomic_write
+from .image_processor import ALPHA_MODES, HIGH_DEPTH_MODES, high_depth_to_l, icc_color_space, split_rgb_alpha
 
 try:  # LittleCMS is optional in Pillow builds.
     from PIL import ImageCms
@@ -49,13 +46,9 @@ __all__ = [
     "SAVE_EXTENSIONS",
     "ImageLoadError",
     "LoadedImage",
-    "as_pil_list",
-    "from_tensor",
     "iter_image_files",
     "load_image",
     "save_image",
-    "to_tensor",
-    "upscale_alpha",
 ]
 
 MAX_IMAGE_PIXELS: int = 16384 * 16384
@@ -89,11 +82,6 @@ _SAVE_MODES: dict[str, frozenset[str]] = {
     "BMP": frozenset({"1", "L", "P", "RGB"}),
 }
 
-_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
-_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_SUPPORTED_MODES = frozenset(
-    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"} | _HIGH_DEPTH_MODES
-)
 # Raw modes with 16 bits per sample (Pillow decodes them to 8-bit modes); packed 16-bit pixels such as BMP's
 # "BGR;16" (5-6-5) deliberately do not match.
 _RAWMODE_16BIT = re.compile(r"(?:L|LA|RGB|RGBA|RGBX|CMYK|YCbCr|I);16[BLN]?S?")
@@ -235,7 +223,7 @@ def _rawmodes(im: Image.Image) -> list[str]:
 
 def _source_bit_depth(im: Image.Image) -> int:
     """8 or 16 (= more than 8 bits per sample); must be called before `load()`, which clears the tile list."""
-    if im.mode in _HIGH_DEPTH_MODES:
+    if im.mode in HIGH_DEPTH_MODES:
         return 16
     if any(_RAWMODE_16BIT.fullmatch(rawmode) for rawmode in _rawmodes(im)):
         return 16
@@ -247,129 +235,6 @@ def _source_bit_depth(im: Image.Image) -> int:
             return 16
     return 8
 
-
-def _icc_color_space(profile: bytes | None) -> str | None:
-    """The data colour space of an ICC profile header: `"RGB"`, `"GRAY"`, `"CMYK"`, `"Lab"`, ... or `None`."""
-    if not profile or len(profile) < 128:
-        return None
-    return profile[16:20].decode("ascii", "replace").strip()
-
-
-_SRGB_PROFILE_BYTES: bytes | None = None
-
-
-def _srgb_profile_bytes() -> bytes:
-    global _SRGB_PROFILE_BYTES
-    if _SRGB_PROFILE_BYTES is None:
-        _SRGB_PROFILE_BYTES = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    return _SRGB_PROFILE_BYTES
-
-
-def _uint16_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Map 0..65535 to 0..255 as floor(v * 255 / 65535 + 0.5), exactly, in integer arithmetic."""
-    v = arr.astype(np.uint64)
-    return ((v * 510 + 65535) // 131070).astype(np.uint8)
-
-
-def _float01_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Map [0, 1] to 0..255 as floor(clip(x, 0, 1) * 255 + 0.5) (round half up)."""
-    return np.floor(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _high_depth_to_l(im: Image.Image, label: str) -> Image.Image:
-    """Convert an `I;16*`, `I` or `F` image to 8-bit `L` with a correct (not clipping) scale.
-
-    - `I;16*`: 0..65535 -> 0..255 (rounded).
-    - `I` (32-bit int): values within 0..65535 are treated as 16-bit; anything else is stretched min..max with a
-      warning (Pillow's own `convert("L")` clips at 255, which would turn most 16-bit images white).
-    - `F` (float): within [0, 1] -> x * 255; within [0, 255] -> 8-bit values; within [0, 65535] -> 16-bit values;
-      otherwise stretched min..max with a warning. NaN becomes 0 and +-inf are clipped, with a warning.
-    """
-    arr = np.asarray(im)
-    if im.mode.startswith("I;16"):
-        return Image.fromarray(_uint16_to_uint8(arr), mode="L")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        logger.warning("%s: image contains NaN/inf samples; NaN -> 0, inf clipped", label)
-        finite = arr[np.isfinite(arr)]
-        hi = float(finite.max()) if finite.size else 0.0
-        lo = float(finite.min()) if finite.size else 0.0
-        arr = np.nan_to_num(arr, nan=0.0, posinf=hi, neginf=lo)
-    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
-        return Image.fromarray(_float01_to_uint8(arr), mode="L")
-    if im.mode == "F" and lo >= 0.0 and hi <= 255.0:
-        return Image.fromarray(_float01_to_uint8(arr / 255.0), mode="L")
-    if lo >= 0.0 and hi <= 65535.0:
-        return Image.fromarray(_float01_to_uint8(arr / 65535.0), mode="L")
-    logger.warning(
-        "%s: %s samples span %g..%g, outside any standard range; stretching min..max to 0..255", label, im.mode, lo, hi
-    )
-    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(_float01_to_uint8(scaled), mode="L")
-
-
-def _split_rgb_alpha(
-    im: Image.Image, icc_profile: bytes | None, label: str
-) -> tuple[Image.Image, Image.Image | None, bytes | None]:
-    """Convert any supported Pillow image to (`RGB` image, `L` alpha or None, ICC profile valid for the RGB image).
-
-    Raises `ValueError` for modes that cannot be converted.
-    """
-    mode = im.mode
-    if mode not in _SUPPORTED_MODES:
-        raise ValueError(f"unsupported image mode {mode!r}")
-    space = _icc_color_space(icc_profile)
-
-    if mode in _HIGH_DEPTH_MODES:
-        gray = _high_depth_to_l(im, label)
-        alpha = None
-        transparency = im.info.get("transparency")
-        if isinstance(transparency, int) and not isinstance(transparency, bool):  # 16-bit grayscale PNG tRNS
-            alpha = Image.fromarray(np.where(np.asarray(im) == transparency, 0, 255).astype(np.uint8), mode="L")
-        return gray.convert("RGB"), alpha, icc_profile if space == "RGB" else None
-
-    if mode == "CMYK":
-        if icc_profile is not None and space == "CMYK" and ImageCms is not None:
-            try:
-                src = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-                dst = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-                rgb = ImageCms.profileToProfile(
-                    im, src, dst, renderingIntent=ImageCms.Intent.PERCEPTUAL, outputMode="RGB"
-                )
-                return rgb, None, _srgb_profile_bytes()
-            except (ImageCms.PyCMSError, OSError, ValueError) as e:
-                logger.warning(
-                    "%s: could not apply the embedded CMYK ICC profile (%s); using a plain conversion", label, e
-                )
-        elif icc_profile is not None:
-            logger.warning(
-                "%s: CMYK image with an ICC profile of colour space %r%s; using a plain CMYK->RGB conversion",
-                label,
-                space,
-                "" if ImageCms is not None else " and no LittleCMS support in Pillow",
-            )
-        return im.convert("RGB"), None, None
-
-    if mode == "LAB":
-        if ImageCms is None:
-            raise ValueError("Lab images need Pillow's LittleCMS support (PIL.ImageCms), which is not available")
-        transform = ImageCms.buildTransform(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
-        )
-        return ImageCms.applyTransform(im, transform), None, _srgb_profile_bytes()
-
-    if mode == "La":  # premultiplied; Pillow can only un-premultiply it to LA
-        im = im.convert("LA")
-        mode = "LA"
-
-    keep_icc = icc_profile if space == "RGB" and mode in ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA") else None
-    if icc_profile is not None and keep_icc is None:
-        logger.debug("%s: dropping ICC profile of colour space %r that does not describe RGB data", label, space)
-    if mode in _ALPHA_MODES or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return rgba.convert("RGB"), rgba.getchannel("A"), keep_icc
-    return (im if mode == "RGB" else im.convert("RGB")), None, keep_icc
 
 
 def _reset_orientation_raw(data: bytes) -> bytes | None:
@@ -540,7 +405,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
             upright, raw_exif = im, None
         exif = _upright_exif(raw_exif, upright, label)
         try:
-            rgb, alpha, icc = _split_rgb_alpha(upright, icc, label)
+            rgb, alpha, icc = split_rgb_alpha(upright, icc, label)
         except ValueError as e:
             raise ImageLoadError(path, str(e), "convert it to an 8-bit RGB PNG or JPEG") from e
         except Exception as e:
@@ -563,234 +428,6 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """Convert a PIL image to a float tensor in [-1, 1].
-
-    `L`, `RGB` and `RGBA` images keep their 1, 3 or 4 channels; any other mode is converted to `RGB` first (`RGBA`
-    when it has transparency). Values map as `v / 127.5 - 1` (0 -> -1, 255 -> 1).
-
-    Args:
-        img (`PIL.Image.Image`): The image, `(W, H)` pixels.
-
-    Returns:
-        `torch.Tensor`: Shape `(1, C, H, W)`, dtype `float32`, range [-1, 1], on the CPU.
-    """
-    if not isinstance(img, Image.Image):
-        raise TypeError(f"to_tensor expects a PIL.Image.Image, got {type(img).__name__}")
-    if img.mode not in ("L", "RGB", "RGBA"):
-        img = img.convert("RGBA" if img.mode in _ALPHA_MODES or "transparency" in img.info else "RGB")
-    arr = np.array(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    tensor = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
-    return tensor / 127.5 - 1.0
-
-
-_CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-def from_tensor(t: torch.Tensor) -> list[Image.Image]:
-    """Convert a batch of images in [-1, 1] back to PIL images.
-
-    Values are clamped to [-1, 1] and quantised with round-half-up: `floor((x + 1) * 127.5 + 0.5)`, so
-    `from_tensor(to_tensor(img))` reproduces every 8-bit image exactly.
-
-    Args:
-        t (`torch.Tensor`): Shape `(B, C, H, W)` (or `(C, H, W)`), floating point, range [-1, 1], with C = 1
-            (-> `L`), 3 (-> `RGB`) or 4 (-> `RGBA`). Any device and float dtype.
-
-    Returns:
-        `list[PIL.Image.Image]`: `B` images of `W x H` pixels.
-
-    Raises:
-        `ValueError`: for a wrong shape or dtype, or NaN values (often an fp16 overflow upstream).
-    """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"from_tensor expects a torch.Tensor, got {type(t).__name__}")
-    if t.ndim == 3:
-        t = t.unsqueeze(0)
-    if t.ndim != 4 or t.shape[1] not in _CHANNEL_MODES:
-        raise ValueError(f"from_tensor expects shape (B, C, H, W) with C in 1, 3, 4, got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"from_tensor expects a floating point tensor in [-1, 1], got dtype {t.dtype}")
-    t = t.detach().to(device="cpu", dtype=torch.float32)
-    if torch.isnan(t).any():
-        raise ValueError("from_tensor got NaN values (often an fp16 overflow in the VAE; try float32 or bfloat16)")
-    q = torch.floor((t.clamp(-1.0, 1.0) + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-    arr = q.permute(0, 2, 3, 1).numpy()
-    mode = _CHANNEL_MODES[arr.shape[-1]]
-    return [Image.fromarray(a[:, :, 0] if mode == "L" else a, mode=mode) for a in arr]
-
-
-def _float_range_hint(lo: float, hi: float) -> str:
-    if lo < 0.0 and lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3:
-        return " (looks like [-1, 1]: use (x + 1) / 2)"
-    if lo >= 0.0 and hi <= 255.0:
-        return " (looks like 0..255: divide by 255 or cast to uint8)"
-    return ""
-
-
-def _array_to_pils(arr: np.ndarray, source: str) -> list[Image.Image]:
-    """(B, H, W, C) array -> list of RGB / RGBA images. Checks dtype and range."""
-    if arr.size == 0:
-        raise ValueError(f"{source}: empty image array of shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        u8 = arr
-    elif arr.dtype == np.uint16:
-        u8 = _uint16_to_uint8(arr)
-    elif arr.dtype == np.bool_:
-        u8 = arr.astype(np.uint8) * 255
-    elif np.issubdtype(arr.dtype, np.floating):
-        f = arr.astype(np.float32)
-        if not np.isfinite(f).all():
-            raise ValueError(f"{source}: float image contains NaN or inf values")
-        lo, hi = float(f.min()), float(f.max())
-        tol = 1e-3
-        if lo < -tol or hi > 1.0 + tol:
-            raise ValueError(
-                f"{source}: float images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-                + _float_range_hint(lo, hi)
-            )
-        u8 = _float01_to_uint8(f)
-    else:
-        raise ValueError(
-            f"{source}: unsupported dtype {arr.dtype}; use uint8 (0..255), uint16 (0..65535) or float in [0, 1]"
-        )
-    channels = u8.shape[-1]
-    if channels == 1:
-        u8 = np.repeat(u8, 3, axis=-1)
-    elif channels == 2:  # gray + alpha
-        u8 = np.concatenate([np.repeat(u8[..., :1], 3, axis=-1), u8[..., 1:]], axis=-1)
-    mode = "RGBA" if u8.shape[-1] == 4 else "RGB"
-    return [Image.fromarray(np.ascontiguousarray(a), mode=mode) for a in u8]
-
-
-def _numpy_to_pils(arr: np.ndarray) -> list[Image.Image]:
-    shape = tuple(arr.shape)
-    if arr.ndim == 2:
-        arr = arr[None, :, :, None]
-    elif arr.ndim == 3:
-        if arr.shape[-1] not in (1, 2, 3, 4):
-            hint = ""
-            if arr.shape[0] in (1, 3, 4):
-                hint = "; it looks channels-first (C, H, W): use arr.transpose(1, 2, 0)"
-            raise ValueError(f"numpy image of shape {shape} must be (H, W), (H, W, C) or (B, H, W, C), C in 1-4{hint}")
-        arr = arr[None]
-    elif arr.ndim == 4:
-        if arr.shape[-1] not in (1, 2, 3, 4):
-            hint = ""
-            if arr.shape[1] in (1, 3, 4):
-                hint = "; it looks channels-first (B, C, H, W): use arr.transpose(0, 2, 3, 1)"
-            raise ValueError(f"numpy image batch of shape {shape} must be (B, H, W, C) with C in 1-4{hint}")
-    else:
-        raise ValueError(f"numpy image of shape {shape} must be (H, W), (H, W, C) or (B, H, W, C)")
-    return _array_to_pils(arr, f"numpy image of shape {shape}")
-
-
-def _torch_to_pils(t: torch.Tensor) -> list[Image.Image]:
-    shape = tuple(t.shape)
-    if t.ndim == 2:
-        t = t[None, None]
-    elif t.ndim == 3:
-        if t.shape[0] not in (1, 2, 3, 4):
-            hint = ""
-            if t.shape[-1] in (1, 3, 4):
-                hint = "; it looks channels-last (H, W, C): use t.permute(2, 0, 1)"
-            raise ValueError(f"torch image of shape {shape} must be (C, H, W) or (B, C, H, W), C in 1-4{hint}")
-        t = t[None]
-    elif t.ndim == 4:
-        if t.shape[1] not in (1, 2, 3, 4):
-            hint = ""
-            if t.shape[-1] in (1, 3, 4):
-                hint = "; it looks channels-last (B, H, W, C): use t.permute(0, 3, 1, 2)"
-            raise ValueError(f"torch image batch of shape {shape} must be (B, C, H, W) with C in 1-4{hint}")
-    else:
-        raise ValueError(f"torch image of shape {shape} must be (C, H, W) or (B, C, H, W)")
-    t = t.detach().cpu()
-    if t.is_floating_point():
-        t = t.to(torch.float32)
-    elif t.dtype not in (torch.uint8, torch.bool):
-        raise ValueError(f"torch image of shape {shape}: unsupported dtype {t.dtype}; use float in [0, 1] or uint8")
-    return _array_to_pils(t.permute(0, 2, 3, 1).numpy(), f"torch image of shape {shape}")
-
-
-def _pil_to_rgb_or_rgba(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGB", "RGBA"):
-        return img
-    try:
-        rgb, alpha, _ = _split_rgb_alpha(img, None, "PIL image")
-    except ValueError as e:
-        raise ValueError(f"PIL image: {e}") from e
-    if alpha is not None:
-        rgb.putalpha(alpha)
-    return rgb
-
-
-def as_pil_list(image: Any) -> list[Image.Image]:
-    """Normalise the image inputs accepted by the pipeline to a list of `RGB` / `RGBA` PIL images.
-
-    Accepted inputs (C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA; gray becomes RGB, alpha is kept as RGBA):
-
-    - `PIL.Image.Image` in any supported mode (16-bit and float modes are scaled as in [`load_image`]; no EXIF
-      transpose is applied to in-memory images), or a list/tuple of any of these inputs (flattened in order).
-    - `numpy.ndarray` channels-last: `(H, W)`, `(H, W, C)` or `(B, H, W, C)`; dtype `uint8` (0..255), `uint16`
-      (0..65535, rounded to 8 bits), `bool`, or float in [0, 1].
-    - `torch.Tensor` channels-first: `(C, H, W)` or `(B, C, H, W)` (also `(H, W)`); float in [0, 1], `uint8` or `bool`.
-
-    Floats are quantised with round-half-up, `floor(x * 255 + 0.5)`; values up to 1e-3 outside [0, 1] are clipped.
-
-    Returns:
-        `list[PIL.Image.Image]`: One image per input image (per batch element).
-
-    Raises:
-        `ValueError`: for an empty input, a wrong shape (with a hint when the layout looks transposed), an unsupported
-            dtype, or float values outside [0, 1] (with a hint when they look like [-1, 1] or 0..255).
-        `TypeError`: for any other input type.
-    """
-    if isinstance(image, Image.Image):
-        return [_pil_to_rgb_or_rgba(image)]
-    if isinstance(image, np.ndarray):
-        return _numpy_to_pils(image)
-    if isinstance(image, torch.Tensor):
-        return _torch_to_pils(image)
-    if isinstance(image, (list, tuple)):
-        if not image:
-            raise ValueError("got an empty list of images")
-        out: list[Image.Image] = []
-        for item in image:
-            if isinstance(item, (list, tuple)):
-                raise TypeError("nested lists of images are not supported; pass a flat list")
-            out.extend(as_pil_list(item))
-        return out
-    raise TypeError(
-        f"unsupported image input of type {type(image).__name__}; pass a PIL image, a numpy array, a torch tensor "
-        "or a list of them"
-    )
-
-
-def upscale_alpha(alpha: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize an alpha channel with bicubic interpolation, for re-attaching it to a super-resolved image.
-
-    Pillow's 8-bit bicubic resampling clamps the overshoot of the cubic kernel to [0, 255], so sharp transparency
-    edges stay within range.
-
-    Args:
-        alpha (`PIL.Image.Image`): Mode `"L"` transparency mask.
-        size (`tuple[int, int]`): Target `(width, height)`, e.g. the output image's `.size`.
-
-    Returns:
-        `PIL.Image.Image`: Mode `"L"`, `size` pixels.
-    """
-    if not isinstance(alpha, Image.Image) or alpha.mode != "L":
-        got = alpha.mode if isinstance(alpha, Image.Image) else type(alpha).__name__
-        raise ValueError(f"upscale_alpha expects a PIL image of mode 'L', got {got!r}")
-    width, height = (int(s) for s in size)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"upscale_alpha: size must be positive (width, height), got {tuple(size)}")
-    if (width, height) == alpha.size:
-        return alpha.copy()
-    return alpha.resize((width, height), Image.Resampling.BICUBIC)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Saving
@@ -798,11 +435,11 @@ def upscale_alpha(alpha: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+    return img.mode in ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
 
 
 def _icc_matches(profile: bytes, mode: str) -> bool:
-    space = _icc_color_space(profile)
+    space = icc_color_space(profile)
     if space == "RGB":
         return mode in ("RGB", "RGBA", "P")
     if space == "GRAY":
@@ -810,17 +447,6 @@ def _icc_matches(profile: bytes, mode: str) -> bool:
     if space == "CMYK":
         return mode == "CMYK"
     return False
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_image(
@@ -891,8 +517,8 @@ def save_image(
             "save as .png or .webp, or drop the alpha with img.convert('RGB')"
         )
     if out.mode not in _SAVE_MODES[fmt]:
-        if out.mode in _HIGH_DEPTH_MODES:  # Pillow's own conversion would clip 16-bit values at 255
-            out = _high_depth_to_l(out, str(path))
+        if out.mode in HIGH_DEPTH_MODES:  # Pillow's own conversion would clip 16-bit values at 255
+            out = high_depth_to_l(out, str(path))
         out = out.convert("RGBA" if _has_alpha(out) else "RGB")
 
     params: dict[str, Any] = {}
@@ -909,7 +535,7 @@ def save_image(
             logger.warning(
                 "%s: ICC profile colour space %r does not match image mode %s; it is dropped",
                 path,
-                _icc_color_space(icc_profile),
+                icc_color_space(icc_profile),
                 out.mode,
             )
         else:
@@ -923,42 +549,8 @@ def save_image(
 
     if path.is_dir():
         raise IsADirectoryError(f"cannot save '{path}': it is a directory; give a file name with an image extension")
-    exists_msg = f"'{path}' already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-    if not overwrite and (path.exists() or path.is_symlink()):
-        raise FileExistsError(exists_msg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)  # 0o666 & ~umask, like a normally created file
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            out.save(fh, format=fmt, **params)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the destination appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(exists_msg) from None
-            except OSError:  # no hard links on this file system: check, then rename
-                if path.exists() or path.is_symlink():
-                    raise FileExistsError(exists_msg) from None
-                os.replace(tmp, path)
-            else:
-                os.unlink(tmp)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "wb", overwrite=overwrite) as fh:
+        out.save(fh, format=fmt, **params)
     return path
 
 

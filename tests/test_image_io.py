@@ -15,17 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from stablesr import image_io
-from stablesr.image_io import (
-    ImageLoadError,
-    as_pil_list,
-    from_tensor,
-    iter_image_files,
-    load_image,
-    save_image,
-    to_tensor,
-    upscale_alpha,
-)
+from stablesr import image_io, image_processor
+from stablesr.image_io import ImageLoadError, iter_image_files, load_image, save_image
+from stablesr.image_processor import as_pil_list, from_tensor, to_tensor, upscale_alpha
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -534,7 +526,7 @@ def test_max_pixels_argument(tmp_path):
 
 def test_unsupported_mode(tmp_path, monkeypatch):
     Image.new("RGB", (4, 4)).save(path := tmp_path / "odd.png")
-    monkeypatch.setattr(image_io, "_SUPPORTED_MODES", frozenset({"L"}))
+    monkeypatch.setattr(image_processor, "SUPPORTED_MODES", frozenset({"L"}))
     with pytest.raises(ImageLoadError, match=r"odd\.png.*unsupported image mode 'RGB'"):
         load_image(path)
 

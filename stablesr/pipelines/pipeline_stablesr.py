@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import vae_tiling
 from ..color import color_fix as apply_color_fix
-from ..image_io import as_pil_list, from_tensor, to_tensor, upscale_alpha
+from ..image_processor import as_pil_list, from_tensor, to_tensor, upscale_alpha
 from ..models.cfw import CFWAdapter
 from ..models.prompt_embedding import PromptEmbedding
 from ..models.sft import SFTAdapter
