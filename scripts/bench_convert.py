@@ -10,7 +10,7 @@ Every phase runs in its own fresh Python process; its peak RSS is the kernel's `
 of anonymous memory (``RssAnon``) and of file-backed pages (``RssFile``: the memory-mapped checkpoint, reclaimable).
 
 Key lists: ``../shared/reference/official-keys`` (``--keys-dir``). Nothing is written into the repository; the work
-folder (default: a new folder under /tmp) is deleted at the end unless ``--keep``.
+folder (default: a new temporary folder) is deleted at the end unless ``--keep``.
 
     python scripts/bench_convert.py                    # float16 checkpoint, text tower included
     python scripts/bench_convert.py --float32          # float32 checkpoint (5.6 GB)
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--workdir", type=Path, default=None, help="folder for the checkpoints and output (default: new /tmp folder)"
+        "--workdir", type=Path, default=None, help="folder for the checkpoints and output (default: a new temporary folder)"
     )
     parser.add_argument(
         "--keys-dir", type=Path, default=DEFAULT_KEYS_DIR, help="official-keys folder (TSV, param_counts.json)"
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     if not (args.keys_dir / "stablesr_512.tsv").is_file():
         raise SystemExit(f"official key lists not found in {args.keys_dir} (pass --keys-dir)")
     created = args.workdir is None
-    args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stablesr-bench-convert-", dir="/tmp"))
+    args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stablesr-bench-convert-", ))
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {args.workdir}")
     try:

@@ -13,11 +13,11 @@ Printed:
 
 BasicSR is a benchmark-only dependency; keep it out of the main environment::
 
-    python3 -m venv /work/venv-bench
-    /work/venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/venv-bench/bin/pip install basicsr-fixed opencv-python-headless scipy scikit-image
-    /work/venv-bench/bin/pip install -e /work/main
-    /work/venv-bench/bin/python scripts/bench_degradation.py
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install torch==2.14.1 torchvision==0.29.1
+    .venv-bench/bin/pip install basicsr-fixed opencv-python-headless scipy scikit-image
+    .venv-bench/bin/pip install -e .
+    .venv-bench/bin/python scripts/bench_degradation.py
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ activations + image buffers), plus the buffers held across phases (the upsampled
 
 Run (the 4096^2 restore alone is ~12 minutes / 20 CPU-minutes on 2 idle cores, see scripts/README.md)::
 
-    /work/venv/bin/python scripts/bench_memory.py [--steps 1] [--tile-overlap 0] [--sizes 256 512 1024]
+    .venv/bin/python scripts/bench_memory.py [--steps 1] [--tile-overlap 0] [--sizes 256 512 1024]
         [--vae-tiles 1024 512]
 """
 

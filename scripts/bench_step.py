@@ -25,7 +25,7 @@ self CPU time grows the most from (a) to (b) (where the extra time goes).
 
 Run (~2 minutes on 2 idle cores, the fp32 UNet step is ~8.5 s; 15-20 minutes when the machine is loaded)::
 
-    /work/venv/bin/python scripts/bench_step.py [--pairs 3] [--threads 2] [--profile] [--skip-bf16]
+    .venv/bin/python scripts/bench_step.py [--pairs 3] [--threads 2] [--profile] [--skip-bf16]
 """
 
 from __future__ import annotations

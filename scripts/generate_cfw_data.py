@@ -23,14 +23,12 @@ import logging
 import os
 import sys
 
-import torch
-
 from stablesr.cfw_data import generate_cfw_data, list_sources
 from stablesr.degradation import DegradationConfig
+from stablesr.loading import LONG_DTYPE_NAMES, resolve_device, torch_dtype
 
 logger = logging.getLogger("generate_cfw_data")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +58,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard_index", type=int, default=None, help="Default: accelerate's process index.")
     parser.add_argument("--skip_samples", action="store_true", help="Do not write samples/ (decoded check images).")
     parser.add_argument("--device", default=None, help="Default: accelerate's device for this process.")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="Pipeline weights dtype.")
+    parser.add_argument("--dtype", choices=LONG_DTYPE_NAMES, default="float32", help="Pipeline weights dtype.")
     args = parser.parse_args(input_args)
 
     if (args.num_shards is None) != (args.shard_index is None):
@@ -95,11 +93,11 @@ def main(args: argparse.Namespace):
     else:
         state = None
         num_shards, shard_index = args.num_shards, args.shard_index
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device or "auto")
 
     sources = list_sources(args.hq_dir, args.lq_dir, args.num_per_image)
     degradation_config = DegradationConfig.from_yaml(args.degradation_config) if args.degradation_config else None
-    pipeline = StableSRPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=DTYPES[args.dtype])
+    pipeline = StableSRPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=torch_dtype(args.dtype))
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     logger.info(f"shard {shard_index}/{num_shards} on {device}: {len(sources)} samples in total")

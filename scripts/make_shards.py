@@ -3,7 +3,8 @@
 
 Each sample becomes consecutive tar members ``{key}.{ext}`` (HQ only) or ``{key}.gt.{ext}`` + ``{key}.lq.{ext}``
 (paired, matched by name stem). Files are stored as they are (no re-encoding). Shards are written as
-``{prefix}-{index:06d}.tar`` through a ``.tmp`` file renamed into place, so a crash never leaves a truncated shard.
+``{prefix}-{index:06d}.tar`` atomically (``stablesr.file_utils.atomic_write_path``: a hidden temporary file, fsynced
+and renamed into place), so a crash never leaves a truncated shard.
 Read them with ``stablesr.data.TarShardDataset`` or a ``{type: shards, urls: "{prefix}-{000000..000099}.tar"}``
 data source.
 
@@ -20,6 +21,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from stablesr.file_utils import atomic_write_path
 from stablesr.image_io import iter_image_files
 
 
@@ -66,8 +68,7 @@ def make_shards(
     written = []
     for shard_index, start in enumerate(range(0, len(pairs), samples_per_shard)):
         path = out / f"{prefix}-{shard_index:06d}.tar"
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
+        with atomic_write_path(path) as tmp, tarfile.open(tmp, "w") as tar:
             for n, (gt_path, lq_path) in enumerate(pairs[start : start + samples_per_shard]):
                 key = f"{start + n:09d}"  # no dots: the key ends at the first dot of a member name
                 gt_ext = gt_path.suffix.lower().lstrip(".")
@@ -76,7 +77,6 @@ def make_shards(
                 else:
                     _add(tar, f"{key}.gt.{gt_ext}", gt_path.read_bytes())
                     _add(tar, f"{key}.lq.{lq_path.suffix.lower().lstrip('.')}", lq_path.read_bytes())
-        os.replace(tmp, path)
         written.append(path)
     return written
 

@@ -28,6 +28,7 @@ working canvas straight to that size, so the rounding of intermediate passes nev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .image_processor import as_pil_list
+from .image_processor import SplitImage, as_rgb_alpha_list
 
 __all__ = ["cascade_upscale", "plan_cascade"]
 
@@ -113,7 +114,7 @@ def cascade_upscale(
     factors = plan_cascade(upscale, max_pass_upscale, split)
     if len(factors) > 1 and kwargs.get("latents") is not None:
         raise ValueError("initial latents cannot be given for a multi-pass cascade (their size changes per pass)")
-    images = as_pil_list(image)
+    images = as_rgb_alpha_list(image)  # alpha split once; only the last pass re-attaches it (at the final size)
     generators = generator if isinstance(generator, list) else [generator] * len(images)
     if len(generators) != len(images):
         raise ValueError(f"got {len(generators)} generators for {len(images)} images")
@@ -122,7 +123,7 @@ def cascade_upscale(
         logger.info("cascade x%g as %d passes: %s", upscale, len(factors), " then ".join(f"x{f:.4g}" for f in factors))
 
     outputs, all_latents, conditions = [], [], []
-    for img, gen in zip(images, generators, strict=True):
+    for (img, alpha), gen in zip(images, generators, strict=True):
         target = (max(1, round(img.height * upscale)), max(1, round(img.width * upscale)))
         current = img
         for i, factor in enumerate(factors[:-1]):
@@ -133,11 +134,11 @@ def cascade_upscale(
         last = factors[-1]
         if len(factors) > 1:  # aim the last pass at the exact target (the longer side decides the factor)
             last = target[0] / current.height if current.height >= current.width else target[1] / current.width
-        out = pipe(current, upscale=last, fidelity_weight=fidelity_weight, generator=gen, output_type="latent",
-                   **decode, **kwargs)
+        out = pipe(SplitImage(current, alpha), upscale=last, fidelity_weight=fidelity_weight, generator=gen,
+                   output_type="latent", **decode, **kwargs)
         latents, condition = out.latents[0], out.conditions[0]
-        if tuple(condition.output_size) != target:
-            condition.output_size = target  # decode resizes the working canvas straight to the final size
+        if tuple(condition.output_size) != target:  # decode resizes the working canvas straight to the final size
+            condition = dataclasses.replace(condition, output_size=target)
         all_latents.append(latents)
         conditions.append(condition)
         if output_type == "latent":

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +43,9 @@ from tqdm.auto import tqdm
 
 from . import vae_tiling
 from .degradation import DegradationConfig, RealESRGANDegradation
+from .file_utils import atomic_write_path, atomic_write_text, remove_stale_temporaries
 from .image_io import iter_image_files, load_image, save_image
-from .image_processor import from_tensor, to_tensor
+from .image_processor import from_tensor, pad_to, to_tensor
 
 logger = logging.get_logger(__name__)
 
@@ -202,18 +202,6 @@ def _random_crop_box(height: int, width: int, size: int, generator: torch.Genera
     return int(u[0] * (height - size + 1)), int(u[1] * (width - size + 1))
 
 
-def _reflect_pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
-    # cv2.BORDER_REFLECT_101 (= torch "reflect"), as BasicSR's RealESRGANDataset pads images smaller than the crop.
-    while image.shape[-2] < size or image.shape[-1] < size:
-        pad_h = min(max(0, size - image.shape[-2]), image.shape[-2] - 1)
-        pad_w = min(max(0, size - image.shape[-1]), image.shape[-1] - 1)
-        if pad_h == 0 and pad_w == 0:  # a 1-pixel side cannot be reflected
-            pad_h, pad_w = max(0, size - image.shape[-2]), max(0, size - image.shape[-1])
-            return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
-        image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
-    return image
-
-
 def _upsample_to(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # Official: F.interpolate(lq, size=gt_size, mode="bicubic") then clamp; antialias only matters when shrinking.
     shrink = lq.shape[-2] > size[0] or lq.shape[-1] > size[1]
@@ -250,7 +238,7 @@ def make_pair(
         if gt_size is not None:
             if gt_size % scale:
                 raise ValueError(f"gt_size={gt_size} must be a multiple of the degradation scale {scale}")
-            gt = _reflect_pad_to(gt, gt_size)
+            gt = pad_to(gt, gt_size, gt_size)
             top, left = _random_crop_box(gt.shape[-2], gt.shape[-1], gt_size, generator)
             gt = gt[..., top : top + gt_size, left : left + gt_size]
         step = math.lcm(scale, multiple)
@@ -288,25 +276,14 @@ def _save_png(image_01: torch.Tensor, path: Path) -> None:
 
 
 def _save_latents(latents: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
+    with atomic_write_path(path) as tmp:
         save_file({LATENTS_KEY: latents.detach().to("cpu", torch.float32).contiguous()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _remove_stale_temporaries(root: Path, name: str) -> None:
     # Leftovers of a killed writer of this very sample; samples belong to one shard, so no other process writes them.
     for part, suffix in _SUFFIX.items():
-        folder = root / part
-        if folder.is_dir():
-            for tmp in folder.glob(f".{name}{suffix}.*.tmp"):
-                tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(root / part, f"{name}{suffix}")
 
 
 def _write_metadata(root: Path, settings: dict[str, Any]) -> None:
@@ -322,10 +299,7 @@ def _write_metadata(root: Path, settings: dict[str, Any]) -> None:
                 "write to another --output_dir, or delete the folder to start over"
             )
         return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    tmp.write_text(json.dumps({"format": "stablesr-cfw-data/1", "settings": settings}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"format": "stablesr-cfw-data/1", "settings": settings}, indent=2, sort_keys=True))
 
 
 @dataclass

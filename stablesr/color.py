@@ -17,9 +17,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["COLOR_FIX_METHODS", "adain_color_fix", "color_fix", "wavelet_color_fix"]
+__all__ = ["COLOR_FIX_METHODS", "DEFAULT_COLOR_FIX", "adain_color_fix", "color_fix", "wavelet_color_fix"]
 
 COLOR_FIX_METHODS: tuple[str, ...] = ("wavelet", "adain", "none")
+"""Allowed color-fix names (pipeline, CLI, web UI, fidelity curve all take them from here)."""
+DEFAULT_COLOR_FIX = "wavelet"
 
 # Number of a-trous levels (dilations 1, 2, 4, 8, 16) and the variance epsilon, both as in the official code.
 _WAVELET_LEVELS = 5

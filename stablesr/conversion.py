@@ -35,6 +35,7 @@ from diffusers.loaders.single_file_utils import (
 from diffusers.utils import logging
 
 from .checkpoint_io import load_checkpoint
+from .file_utils import TMP_SUFFIX, replace_dir
 from .models.cfw import CFWAdapter
 from .models.prompt_embedding import PromptEmbedding
 from .models.sft import SFTAdapter
@@ -578,18 +579,10 @@ def save_pipeline_atomically(pipe, output_dir: Path, overwrite: bool = False) ->
     """``save_pretrained`` into a temporary sibling folder, then rename it into place (never a half-written folder)."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=TMP_SUFFIX, dir=output_dir.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if output_dir.exists():
-            if any(output_dir.iterdir()) and not overwrite:
-                raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite to replace it")
-            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            os.replace(output_dir, old)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        replace_dir(tmp, output_dir, overwrite=overwrite)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

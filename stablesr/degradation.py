@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,10 @@ import torch.nn.functional as F
 import yaml
 from diffusers.utils import logging
 from torch import nn
+
+from .file_utils import atomic_write_text
+from .image_io import ImageLoadError, iter_image_files, load_image, save_image
+from .image_processor import pad_to
 
 logger = logging.get_logger(__name__)
 
@@ -68,7 +71,6 @@ _GENERALIZED = ("generalized_iso", "generalized_aniso")
 _PLATEAU = ("plateau_iso", "plateau_aniso")
 # BasicSR's RealESRGANDataset uses `sinc_cutoff_range_large` from this kernel size on (hard-coded there too).
 _SINC_LARGE_KERNEL_SIZE = 13
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------------------------------------------- #
@@ -309,8 +311,7 @@ class DegradationConfig:
         return _plain(dataclasses.asdict(self))
 
     def to_yaml(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _tuplify(obj) -> None:
@@ -1148,19 +1149,12 @@ def _seed_for(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _atomic_save_png(img: torch.Tensor, path: Path) -> None:
+def _to_pil(img: torch.Tensor):
+    """(3, H, W) in [0, 1] -> 8-bit RGB PIL image, rounded."""
     from PIL import Image
 
     array = (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return Image.fromarray(array)
 
 
 def degrade_folder(
@@ -1176,11 +1170,12 @@ def degrade_folder(
 
     Writes ``out_dir/lq/NAME.png`` and ``out_dir/hq/NAME.png`` (``NAME_k`` with ``k = 0..num_per_image-1`` when
     more than one pair per image). HQ is the training target (USM-sharpened when ``config.use_usm``), mod-cropped to
-    a multiple of ``scale``. Pairs are reproducible per file name and ``seed``. Unreadable files are skipped with a
-    warning; an existing pair is kept unless ``overwrite``; files are written to a temporary name and renamed.
+    a multiple of ``scale``. Pairs are reproducible per file name and ``seed``. Images are read by
+    [`~stablesr.image_io.load_image`] (EXIF orientation, ICC, 16-bit) and written by [`~stablesr.image_io.save_image`]
+    (atomically). Unreadable files are skipped with a warning; an existing pair is kept unless ``overwrite``.
 
     Args:
-        hq_dir: Folder of clean images (png, jpg, bmp, webp, tif).
+        hq_dir: Folder of clean images (the top level; the extensions of [`~stablesr.image_io.IMAGE_EXTENSIONS`]).
         out_dir: Output root.
         config: Degradation table (StableSR 512 by default). Its ``gt_size`` is ignored here; use ``crop``.
         seed: Base seed.
@@ -1192,8 +1187,6 @@ def degrade_folder(
     Returns:
         The (lq_path, hq_path) pairs written.
     """
-    from PIL import Image
-
     config = config if config is not None else DegradationConfig()
     if num_per_image < 1:
         raise ValueError(f"num_per_image must be >= 1, got {num_per_image}")
@@ -1202,12 +1195,17 @@ def degrade_folder(
     hq_dir, out_dir = Path(hq_dir), Path(out_dir)
     (out_dir / "lq").mkdir(parents=True, exist_ok=True)
     (out_dir / "hq").mkdir(parents=True, exist_ok=True)
+    try:
+        paths = iter_image_files(hq_dir)
+    except FileNotFoundError:
+        if not hq_dir.is_dir():
+            raise
+        paths = []  # a folder without images: nothing to write
     written = []
-    for path in sorted(p for p in hq_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES):
+    for path in paths:
         try:
-            with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        except Exception as err:  # PIL raises several types for broken files
+            array = np.asarray(load_image(path).rgb, dtype=np.float32) / 255.0
+        except (ImageLoadError, OSError) as err:
             logger.warning(f"skipping unreadable image {path}: {err}")
             continue
         image = torch.from_numpy(array).permute(2, 0, 1)[None]
@@ -1220,7 +1218,7 @@ def degrade_folder(
             generator = torch.Generator().manual_seed(_seed_for(seed, path.name, k))
             gt = image
             if crop is not None:
-                gt = _pad_to(gt, crop)
+                gt = pad_to(gt, crop, crop)
                 h, w = gt.shape[-2:]
                 u = torch.rand(2, generator=generator, dtype=torch.float64)
                 top, left = int(u[0] * (h - crop + 1)), int(u[1] * (w - crop + 1))
@@ -1233,20 +1231,7 @@ def degrade_folder(
             params = sample_params(config, 1, generator)
             target = _usm(gt, config) if config.use_usm else gt
             lq = apply(gt, params, config, gt_usm=target)
-            _atomic_save_png(target[0], hq_path)
-            _atomic_save_png(lq[0], lq_path)
+            save_image(_to_pil(target[0]), hq_path, overwrite=True)
+            save_image(_to_pil(lq[0]), lq_path, overwrite=True)
             written.append((lq_path, hq_path))
     return written
-
-
-def _pad_to(img: torch.Tensor, size: int) -> torch.Tensor:
-    # Reflect (without repeating the edge, like cv2.BORDER_REFLECT_101 in BasicSR's dataset) up to `size`.
-    h, w = img.shape[-2:]
-    while h < size or w < size:
-        pad_h, pad_w = min(max(0, size - h), h - 1), min(max(0, size - w), w - 1)
-        if pad_h == 0 and pad_w == 0:
-            img = F.pad(img, (0, max(0, size - w), 0, max(0, size - h)), mode="replicate")
-        else:
-            img = F.pad(img, (0, pad_w, 0, pad_h), mode="reflect")
-        h, w = img.shape[-2:]
-    return img

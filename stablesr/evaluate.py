@@ -1,29 +1,20 @@
-"""``stablesr evaluate``: score restored images against ground truth, the way SR papers do.
+"""Scoring restored images against ground truth, the way SR papers do (``stablesr evaluate``).
 
-    stablesr evaluate --sr OUT_DIR --gt HR_DIR [--lq LR_DIR] [--crop-border 4] [--metrics psnr,ssim,lpips]
-                      [--out REPORT_DIR]
-
-Files are paired by name (stem, extension ignored; ``--strip`` removes suffixes such as ``_HR`` / ``_LR4`` / ``x4``
-first). Every requested metric is computed per image and averaged; with ``--lq`` the LQ inputs also get a *bicubic
+Files are paired by name (stem, extension ignored; ``strip`` removes suffixes such as ``_HR`` / ``_LR4`` / ``x4``
+first). Every requested metric is computed per image and averaged; with LQ files the inputs also get a *bicubic
 baseline* row (LQ bicubic-upscaled to the GT size, same metrics) and the SR3 ``consistency`` metric can be computed.
 The report names the evaluation protocol, because the field uses two incompatible ones: 128->512 center crops
 (StableSR, SeeSR, OSEDiff test sets) vs full-size images (ResShift, SinSR, PASD); it is inferred from the image sizes
-unless ``--protocol`` says it. Outputs: a table on the terminal, ``metrics.csv``, ``metrics.json`` and a
-self-contained ``report.html`` with side-by-side zoomable crops (LQ / bicubic / SR / GT) of each image.
+unless ``protocol`` says it.
 
-Missing pairs are listed, never a crash; an SR/GT size mismatch or an unreadable file is a per-file error (exit code
-1 when any happened).
+Missing pairs are listed, never a crash; an SR/GT size mismatch or an unreadable file is a per-file error recorded in
+the report. Rendering the report (terminal table, CSV, JSON, HTML) is [`stablesr.reports`]; the command line is
+``stablesr evaluate``.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
-import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +27,13 @@ from . import metrics as M
 from .image_io import IMAGE_EXTENSIONS, ImageLoadError, load_image
 
 __all__ = [
+    "DEFAULT_METRICS",
     "EvaluationReport",
-    "add_evaluate_parser",
-    "cmd_evaluate",
+    "Pairing",
+    "bicubic_baseline",
     "evaluate_folders",
-    "format_table",
     "infer_protocol",
     "pair_folders",
-    "write_csv",
-    "write_html",
-    "write_json",
 ]
 
 DEFAULT_METRICS = ("psnr", "ssim")
@@ -170,51 +158,9 @@ class EvaluationReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse_metrics(text: str | Sequence[str]) -> list[str]:
-    names = [m.strip().lower().replace("-", "") for m in (text.split(",") if isinstance(text, str) else text)]
-    aliases = {"psnry": "psnr", "ssimy": "ssim", "psnrrgb": "psnr_rgb", "ssimrgb": "ssim_rgb", "clip_iqa": "clipiqa",
-               "clipiqa+": "clipiqa", "maniqapipal": "maniqa"}
-    out = []
-    for n in names:
-        if not n:
-            continue
-        n = aliases.get(n, n)
-        if n not in M.METRICS:
-            raise ValueError(f"unknown metric '{n}'; choose from {', '.join(M.METRICS)}")
-        if n not in out:
-            out.append(n)
-    if not out:
-        raise ValueError("no metrics given")
-    return out
-
-
-def _bicubic_up(lq: Image.Image, size: tuple[int, int]) -> Image.Image:
+def bicubic_baseline(lq: Image.Image, size: tuple[int, int]) -> Image.Image:
     """The bicubic baseline: PIL bicubic (a = -0.5, Matlab-like kernel), rounded to 8 bits like a saved file."""
     return lq.resize(size, Image.Resampling.BICUBIC)
-
-
-def _fr_nr_values(img: Image.Image, gt: Image.Image, lq: Image.Image | None, names: Sequence[str],
-                  loaded: dict[str, M.ImageMetric], crop_border: int) -> dict[str, float | None]:
-    values: dict[str, float | None] = {}
-    for name in names:
-        if name == "psnr":
-            values[name] = M.psnr(img, gt, crop_border, y_channel=True)
-        elif name == "ssim":
-            values[name] = M.ssim(img, gt, crop_border, y_channel=True)
-        elif name == "psnr_rgb":
-            values[name] = M.psnr(img, gt, crop_border, y_channel=False)
-        elif name == "ssim_rgb":
-            values[name] = M.ssim(img, gt, crop_border, y_channel=False)
-        elif name == "consistency":
-            if lq is None:
-                values[name] = values["consistency_mse"] = None
-            else:
-                values.update(M.consistency(img, lq))
-        elif M.METRICS[name].kind == "fr":
-            values[name] = loaded[name](img, gt)
-        elif M.METRICS[name].kind == "nr":
-            values[name] = loaded[name](img)
-    return values
 
 
 class _LazyImages(Sequence):
@@ -261,13 +207,13 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
         `MetricUnavailableError`: a requested learned metric cannot be loaded (checked before any work).
         `FileNotFoundError`: a folder does not exist.
     """
-    names = _parse_metrics(metrics)
+    names = M.parse_metric_names(metrics)
     if "consistency" in names and not lq_dir:
         raise ValueError("the consistency metric compares the SR image with its LQ input: pass --lq")
     backends: dict[str, str] = {}
     loaded: dict[str, M.ImageMetric] = {}
     for n in names:  # load every learned metric before any work: fail fast with the install hint
-        if M.METRICS[n].backends == ("builtin",):
+        if not M.METRICS[n].learned:
             backends[n] = "builtin"
         elif n == "fid":
             backends[n] = M.fid_backend(backend)
@@ -295,12 +241,13 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
                 raise ValueError(f"size mismatch: SR {sr_path.name} is {sr.width}x{sr.height}, GT {gt_path.name} is "
                                  f"{gt.width}x{gt.height}")
             sr_row = {"name": name, "method": "sr", "width": sr.width, "height": sr.height}
-            sr_row.update(_fr_nr_values(sr, gt, lq, per_image, loaded, crop_border))
+            sr_row.update(M.compute_image_metrics(sr, gt, lq, per_image, crop_border=crop_border, loaded=loaded))
             new_rows = [sr_row]
             if lq is not None:
-                bic = _bicubic_up(lq, gt.size)
+                bic = bicubic_baseline(lq, gt.size)
                 bic_row = {"name": name, "method": "bicubic", "width": bic.width, "height": bic.height}
-                bic_row.update(_fr_nr_values(bic, gt, lq, per_image, loaded, crop_border))
+                bic_row.update(M.compute_image_metrics(bic, gt, lq, per_image, crop_border=crop_border,
+                                                       loaded=loaded))
                 new_rows.append(bic_row)
         except (ImageLoadError, ValueError, OSError) as err:
             errors.append((name, str(err)))
@@ -312,7 +259,7 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
         ok_pairs.append((name, sr_path, gt_path, lq_path))
         paths[name] = {"sr": sr_path, "gt": gt_path, "lq": lq_path}
 
-    columns = [c for n in per_image for c in ((n, "consistency_mse") if n == "consistency" else (n,))]
+    columns = M.metric_columns(per_image)
     means: dict[str, dict[str, float | None]] = {}
     counts: dict[str, int] = {}
     for method in ("sr", "bicubic"):
@@ -328,7 +275,7 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
         if len(with_lq) >= 2:
             def make(i, pairs=with_lq):
                 gt_img = load_image(pairs[i][2]).rgb
-                return _bicubic_up(load_image(pairs[i][3]).rgb, gt_img.size)
+                return bicubic_baseline(load_image(pairs[i][3]).rgb, gt_img.size)
 
             means["bicubic"]["fid"] = M.compute_fid(_LazyImages(len(with_lq), make), [p[2] for p in with_lq],
                                                     device, backend)
@@ -342,341 +289,3 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
                 "strip": list(strip), "device": device}
     return EvaluationReport(rows=rows, means=means, counts=counts, protocol=proto, metrics=names, backends=backends,
                             missing=pairing.missing, errors=errors, paths=paths, settings=settings)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Output: terminal table, CSV, JSON
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _columns(report: EvaluationReport) -> list[str]:
-    cols = []
-    for n in report.metrics:
-        cols.append(n)
-        if n == "consistency":
-            cols.append("consistency_mse")
-    return cols
-
-
-def _fmt(value, column: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf"
-        if math.isnan(value):
-            return "nan"
-        if column == "consistency_mse":
-            return f"{value:.3e}"
-        if column.startswith(("psnr", "consistency", "fid", "musiq")):
-            return f"{value:.2f}"
-        return f"{value:.4f}"
-    return str(value)
-
-
-def protocol_line(report: EvaluationReport) -> str:
-    p = report.protocol
-    scale = f", scale x{p['scale']:g}" if p.get("scale") else ""
-    return (f"protocol: {p['description']} [{p['source']}]{scale}; crop border {p['crop_border']} px; "
-            "PSNR/SSIM on Y (BT.601)")
-
-
-def format_table(report: EvaluationReport, max_name: int = 28) -> str:
-    """The terminal table: one line per image (SR), then the SR mean and the bicubic mean."""
-    cols = [c for c in _columns(report) if c != "consistency_mse"]
-    set_cols = [c for c in cols if M.METRICS.get(c) and M.METRICS[c].kind == "set"]
-    arrows = {c: ("↑" if M.METRICS[c].higher_is_better else "↓") for c in cols}
-    header = ["image"] + [f"{c}{arrows[c]}" for c in cols]
-    lines = []
-    body = []
-    for r in report.rows:
-        if r["method"] != "sr":
-            continue
-        body.append([r["name"][:max_name]] + ["" if c in set_cols else _fmt(r.get(c), c) for c in cols])
-    for method, label in (("sr", "mean SR"), ("bicubic", "mean bicubic")):
-        if method in report.means:
-            body.append([f"{label} ({report.counts[method]})"] + [_fmt(report.means[method].get(c), c) for c in cols])
-    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    fmt_row = lambda row: "  ".join(row[0].ljust(widths[0]) if i == 0 else row[i].rjust(widths[i])  # noqa: E731
-                                    for i in range(len(row))) if row else ""
-    lines.append(protocol_line(report))
-    lines.append(fmt_row(header))
-    lines.append("-" * len(lines[-1]))
-    n_images = sum(1 for r in report.rows if r["method"] == "sr")
-    for i, row in enumerate(body):
-        if i == n_images:
-            lines.append("-" * len(lines[1]))
-        lines.append(fmt_row(row))
-    lines.extend(_missing_lines(report))
-    for name, msg in report.errors:
-        lines.append(f"error: {name}: {msg}")
-    for w in report.protocol.get("warnings", []):
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)
-
-
-def _missing_lines(report: EvaluationReport, limit: int = 10) -> list[str]:
-    labels = {"sr_without_gt": "SR files without a GT file", "gt_without_sr": "GT files without an SR file",
-              "lq_missing": "pairs without an LQ file (no bicubic row / consistency for them)",
-              "lq_without_pair": "LQ files without an SR/GT pair", "duplicates": "duplicate names"}
-    lines = []
-    for key, label in labels.items():
-        items = report.missing.get(key) or []
-        if items:
-            shown = ", ".join(items[:limit]) + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
-            lines.append(f"missing: {len(items)} {label}: {shown}")
-    return lines
-
-
-def _json_value(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _json_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_value(x) for x in v]
-    return v
-
-
-def write_csv(report: EvaluationReport, path: str | Path) -> Path:
-    """Per-image rows (``method`` sr / bicubic), then ``MEAN`` rows per method (FID only there)."""
-    path = Path(path)
-    cols = _columns(report)
-    set_cols = [c for c in cols if M.METRICS.get(c) and M.METRICS[c].kind == "set"]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["name", "method", "width", "height"] + cols)
-        for r in report.rows:
-            writer.writerow([r["name"], r["method"], r["width"], r["height"]]
-                            + ["" if c in set_cols or r.get(c) is None else repr(float(r[c])) for c in cols])
-        for method, values in report.means.items():
-            writer.writerow(["MEAN", method, "", ""] + ["" if values.get(c) is None else repr(float(values[c]))
-                                                        for c in cols])
-    return path
-
-
-def report_dict(report: EvaluationReport) -> dict[str, Any]:
-    return _json_value({
-        "protocol": report.protocol,
-        "metrics": {n: {"label": M.METRICS[n].label, "higher_is_better": M.METRICS[n].higher_is_better,
-                        "backend": report.backends.get(n)} for n in report.metrics},
-        "settings": report.settings,
-        "mean": report.means,
-        "count": report.counts,
-        "per_image": report.rows,
-        "missing": report.missing,
-        "errors": [{"name": n, "error": e} for n, e in report.errors],
-    })
-
-
-def write_json(report: EvaluationReport, path: str | Path) -> Path:
-    """The whole report; non-finite numbers (PSNR of identical images) are written as the strings "inf" / "nan"."""
-    path = Path(path)
-    path.write_text(json.dumps(report_dict(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# HTML report
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _window_sums(values: np.ndarray, size: int, stride: int) -> tuple[np.ndarray, list[int], list[int]]:
-    h, w = values.shape
-    integral = np.pad(values.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    ys = list(range(0, h - size + 1, stride)) or [0]
-    xs = list(range(0, w - size + 1, stride)) or [0]
-    if ys[-1] != h - size:
-        ys.append(max(0, h - size))
-    if xs[-1] != w - size:
-        xs.append(max(0, w - size))
-    sums = np.array([[integral[y + size, x + size] - integral[y, x + size] - integral[y + size, x] + integral[y, x]
-                      for x in xs] for y in ys])
-    return sums, ys, xs
-
-
-def pick_crops(sr: Image.Image, gt: Image.Image, size: int = 128, count: int = 2) -> list[tuple[str, tuple]]:
-    """Crop boxes worth looking at: where SR differs most from GT, then the most detailed GT region elsewhere."""
-    size = min(size, sr.width, sr.height)
-    y_sr, y_gt = M.rgb_to_y(M.to_array(sr)), M.rgb_to_y(M.to_array(gt))
-    err = np.abs(y_sr - y_gt)
-    gy, gx = np.gradient(y_gt)
-    detail = np.hypot(gx, gy)
-    boxes: list[tuple[str, tuple]] = []
-    for label, score in (("largest SR-GT difference", err), ("most GT detail", detail)):
-        sums, ys, xs = _window_sums(score, size, max(1, size // 4))
-        for idx in np.argsort(sums, axis=None)[::-1]:
-            y, x = ys[idx // len(xs)], xs[idx % len(xs)]
-            box = (x, y, x + size, y + size)
-            overlap = any(min(b[2], box[2]) - max(b[0], box[0]) > size // 2 and
-                          min(b[3], box[3]) - max(b[1], box[1]) > size // 2 for _, b in boxes)
-            if not overlap:
-                boxes.append((label, box))
-                break
-        if len(boxes) >= count:
-            break
-    return boxes
-
-
-_HTML_STYLE = """
-:root { --z: 2; }
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; margin: .5em 0 1em; }
-th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-tr.mean td { font-weight: bold; background: #f3f3f3; }
-.crops { display: flex; flex-wrap: wrap; gap: 6px; margin: .3em 0 1em; cursor: zoom-in; }
-.crops.big { --zz: 2; cursor: zoom-out; }
-figure { margin: 0; }
-figure img { width: calc(var(--z) * var(--zz, 1) * var(--w) * 1px); image-rendering: pixelated;
-             image-rendering: crisp-edges; border: 1px solid #999; display: block; }
-figcaption { font-size: 12px; text-align: center; }
-.controls { position: sticky; top: 0; background: #fff; padding: .4em 0; border-bottom: 1px solid #ddd; }
-.warn { color: #a00; }
-"""
-
-_HTML_SCRIPT = """
-const z = document.getElementById('zoom'), zl = document.getElementById('zoomlabel');
-z.addEventListener('input', () => { document.documentElement.style.setProperty('--z', z.value);
-                                      zl.textContent = z.value + 'x'; });
-document.querySelectorAll('.crops').forEach(c => c.addEventListener('click', () => c.classList.toggle('big')));
-"""
-
-
-def write_html(report: EvaluationReport, path: str | Path, max_images: int = 20, crop_size: int = 128,
-               crops_per_image: int = 2) -> Path:
-    """A self-contained HTML report: protocol, the metric table, and per image side-by-side crops (LQ nearest-
-    upscaled, bicubic, SR, GT) embedded as PNG data URIs, zoomable (slider; click a row of crops to double it)."""
-    path = Path(path)
-    esc = html.escape
-    cols = [c for c in _columns(report) if c != "consistency_mse"]
-    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>stablesr evaluation</title>",
-           f"<style>{_HTML_STYLE}</style></head><body>", "<h1>stablesr evaluation</h1>",
-           f"<p>{esc(protocol_line(report))}</p>"]
-    out.append("<p>SR: <code>{}</code> &nbsp; GT: <code>{}</code>{}</p>".format(
-        esc(str(report.settings.get("sr_dir"))), esc(str(report.settings.get("gt_dir"))),
-        f" &nbsp; LQ: <code>{esc(str(report.settings['lq_dir']))}</code>" if report.settings.get("lq_dir") else ""))
-    out.append("<p>" + ", ".join(f"{esc(n)} ({'higher' if M.METRICS[n].higher_is_better else 'lower'} is better; "
-                                 f"{esc(report.backends.get(n, ''))})" for n in report.metrics) + "</p>")
-    for w in report.protocol.get("warnings", []):
-        out.append(f"<p class='warn'>warning: {esc(w)}</p>")
-    out.append("<table><tr><th>image</th><th>method</th>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>")
-    for r in report.rows:
-        out.append(f"<tr><td><a href='#img-{esc(r['name'])}'>{esc(r['name'])}</a></td><td>{r['method']}</td>"
-                   + "".join(f"<td>{_fmt(r.get(c), c) if M.METRICS[c].kind != 'set' else ''}</td>" for c in cols)
-                   + "</tr>")
-    for method, values in report.means.items():
-        out.append(f"<tr class='mean'><td>mean ({report.counts[method]})</td><td>{method}</td>"
-                   + "".join(f"<td>{_fmt(values.get(c), c)}</td>" for c in cols) + "</tr>")
-    out.append("</table>")
-    for line in _missing_lines(report, limit=50):
-        out.append(f"<p class='warn'>{esc(line)}</p>")
-    for name, msg in report.errors:
-        out.append(f"<p class='warn'>error: {esc(name)}: {esc(msg)}</p>")
-
-    out.append("<div class='controls'>zoom <input id='zoom' type='range' min='1' max='8' step='1' value='2'> "
-               "<span id='zoomlabel'>2x</span> &nbsp; (click a row of crops to double it)</div>")
-    names = list(report.paths)
-    for name in names[:max_images]:
-        p = report.paths[name]
-        try:
-            sr, gt = load_image(p["sr"]).rgb, load_image(p["gt"]).rgb
-            lq = load_image(p["lq"]).rgb if p.get("lq") else None
-        except (ImageLoadError, OSError) as err:
-            out.append(f"<p class='warn'>{esc(name)}: {esc(str(err))}</p>")
-            continue
-        sr_row = next((r for r in report.rows if r["name"] == name and r["method"] == "sr"), {})
-        summary = ", ".join(f"{c} {_fmt(sr_row.get(c), c)}" for c in cols if c in sr_row)
-        out.append(f"<h3 id='img-{esc(name)}'>{esc(name)} "
-                   f"<small>({sr.width}x{sr.height}; {esc(summary)})</small></h3>")
-        panels = []
-        if lq is not None:
-            panels.append(("LQ (nearest)", lq.resize(gt.size, Image.Resampling.NEAREST)))
-            panels.append(("bicubic", _bicubic_up(lq, gt.size)))
-        panels += [("SR", sr), ("GT", gt)]
-        for label, box in pick_crops(sr, gt, crop_size, crops_per_image):
-            out.append(f"<div class='crops' title='{esc(label)}, box {box}'>")
-            for title, img in panels:
-                crop = img.crop(box)
-                out.append(f"<figure><img style='--w:{crop.width}' src='{_png_data_uri(crop)}' alt='{esc(title)}'>"
-                           f"<figcaption>{esc(title)}</figcaption></figure>")
-            out.append(f"<figure><figcaption>{esc(label)}<br>x {box[0]}-{box[2]}, y {box[1]}-{box[3]}"
-                       "</figcaption></figure></div>")
-    if len(names) > max_images:
-        out.append(f"<p>crops shown for the first {max_images} of {len(names)} images (--html-max-images)</p>")
-    out.append(f"<script>{_HTML_SCRIPT}</script></body></html>")
-    path.write_text("\n".join(out), encoding="utf-8")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def add_evaluate_parser(subparsers) -> None:
-    """Register ``stablesr evaluate`` on an ``argparse`` sub-parser collection."""
-    e = subparsers.add_parser(
-        "evaluate", help="score restored images against ground truth (PSNR/SSIM on Y, LPIPS, ...)",
-        description="Pair SR and GT files by name, compute metrics per image and on average, and write a table, CSV, "
-                    "JSON and an HTML report with zoomable crops.")
-    e.add_argument("--sr", required=True, help="folder of restored images")
-    e.add_argument("--gt", required=True, help="folder of ground-truth images (same names)")
-    e.add_argument("--lq", help="folder of the LQ inputs: adds a bicubic baseline row and allows 'consistency'")
-    e.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help="comma-separated: psnr,ssim (Y channel), psnr_rgb,ssim_rgb, consistency (needs --lq), and "
-                        "learned ones needing torchmetrics or pyiqa: lpips,dists,fid,clipiqa,musiq,maniqa,niqe "
-                        f"(default {','.join(DEFAULT_METRICS)})")
-    e.add_argument("--crop-border", type=int, default=4, help="pixels ignored on each side for PSNR/SSIM (default 4)")
-    e.add_argument("--protocol", choices=("auto", "crops", "full"), default="auto",
-                   help="name the protocol in the report (default: inferred from the sizes: 512x512 GT = crops)")
-    e.add_argument("--strip", default="", help="comma-separated name suffixes removed before pairing, e.g. _HR,_LR4")
-    e.add_argument("--out", help="report folder (default: SR folder name + '_eval' next to it)")
-    e.add_argument("--metric-backend", choices=("auto", "torchmetrics", "pyiqa"), default="auto",
-                   help="library for learned metrics (auto: torchmetrics, else pyiqa)")
-    e.add_argument("--device", default="cpu", help="device for learned metrics (cpu, cuda, ...)")
-    e.add_argument("--html-max-images", type=int, default=20, help="images with crops in report.html (default 20)")
-    e.add_argument("--crop-size", type=int, default=128, help="crop size in the HTML report (default 128)")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args) -> int:
-    """Run ``stablesr evaluate``; exit code 0, 1 when a pair failed (size mismatch, unreadable file), 2 for a usage
-    error (printed without a traceback, also under ``python -m stablesr.cli``)."""
-    from .cli import CLIError
-
-    try:
-        return _cmd_evaluate(args)
-    except CLIError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def _cmd_evaluate(args) -> int:
-    from .cli import CLIError
-
-    strip = [s for s in (args.strip or "").split(",") if s]
-    try:
-        report = evaluate_folders(args.sr, args.gt, args.lq, args.metrics, args.crop_border, args.protocol, strip,
-                                  args.device, args.metric_backend, progress=not args.quiet)
-    except (M.MetricUnavailableError, ValueError, FileNotFoundError) as err:
-        raise CLIError(str(err)) from None
-    if not report.rows and not report.errors:
-        print("\n".join(_missing_lines(report)), file=sys.stderr)
-        raise CLIError(f"no SR/GT pairs with the same name in {args.sr} and {args.gt}")
-    out = Path(args.out) if args.out else Path(args.sr).resolve().parent / (Path(args.sr).resolve().name + "_eval")
-    out.mkdir(parents=True, exist_ok=True)
-    print(format_table(report))
-    written = [write_csv(report, out / "metrics.csv"), write_json(report, out / "metrics.json"),
-               write_html(report, out / "report.html", args.html_max_images, args.crop_size)]
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 1 if report.errors else 0

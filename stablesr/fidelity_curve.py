@@ -5,18 +5,17 @@ Each image is sampled **once** (``output_type="latent"``); only the CFW decode i
 report PSNR / SSIM on Y (with ``crop_border``) and LPIPS (when torchmetrics or pyiqa can load it) against the ground
 truth when there is one, and the SR3 ``consistency`` with the LQ input (no ground truth needed: bicubic-downsampled
 output vs input, PSNR dB). Results: a table (CSV / JSON) and a PNG plot of the mean per weight (matplotlib when
-installed, otherwise a small line plot drawn with PIL, so no extra dependency is needed).
+installed, otherwise a small line plot drawn with PIL, so no extra dependency is needed); every file is written
+atomically. The command line is ``stablesr fidelity-curve``:
 
     stablesr fidelity-curve photos/*.png --gt hr/ -o curve/ --weights 0,0.25,0.5,0.75,1 --steps 50
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
-import sys
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import metrics as M
+from .color import DEFAULT_COLOR_FIX
+from .file_utils import atomic_write_path
+from .image_io import load_image, save_image
+from .image_processor import as_rgb_alpha_list
+from .reports import json_safe, write_csv_rows, write_json_data
 
-__all__ = ["DEFAULT_WEIGHTS", "FidelityCurve", "add_fidelity_curve_parser", "cmd_fidelity_curve", "fidelity_curve",
-           "plot_curve"]
+__all__ = ["DEFAULT_METRICS", "DEFAULT_WEIGHTS", "FidelityCurve", "fidelity_curve", "plot_curve"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,79 +75,62 @@ class FidelityCurve:
         rows = [r for r in self.mean_rows() if r.get(metric) is not None]
         if not rows:
             return None
-        sign = 1 if _higher_is_better(metric) else -1
+        sign = 1 if M.column_spec(metric).higher_is_better else -1
         return max(rows, key=lambda r: sign * r[metric])["weight"]
 
     def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["image", "weight"] + self.metrics)
-            for r in self.rows + self.mean_rows():
-                writer.writerow([r["image"], r["weight"]] + ["" if r.get(m) is None else repr(float(r[m]))
-                                                             for m in self.metrics])
-        return path
+        """Per-(image, weight) rows, then one ``MEAN`` row per weight; written atomically."""
+        rows = [["image", "weight"] + self.metrics]
+        for r in self.rows + self.mean_rows():
+            rows.append([r["image"], r["weight"]] + ["" if r.get(m) is None else repr(float(r[m]))
+                                                    for m in self.metrics])
+        return write_csv_rows(rows, path)
 
     def to_dict(self) -> dict[str, Any]:
-        def clean(v):
-            if isinstance(v, float) and not math.isfinite(v):
-                return "inf" if v > 0 else "nan"
-            return v
-
-        return {
+        """JSON-ready data; non-finite numbers become the strings "inf" / "-inf" / "nan"."""
+        specs = {m: M.column_spec(m) for m in self.metrics}
+        return json_safe({
             "weights": self.weights,
-            "metrics": {m: {"label": _label(m), "higher_is_better": _higher_is_better(m)} for m in self.metrics},
-            "mean": [{k: clean(v) for k, v in r.items()} for r in self.mean_rows()],
-            "per_image": [{k: clean(v) for k, v in r.items()} for r in self.rows],
+            "metrics": {m: {"label": s.label, "higher_is_better": s.higher_is_better} for m, s in specs.items()},
+            "mean": self.mean_rows(),
+            "per_image": self.rows,
             "best_weight": {m: self.best_weight(m) for m in self.metrics},
             "notes": self.notes,
-        }
+        })
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        return path
+        """[`to_dict`] as indented JSON, written atomically."""
+        return write_json_data(self.to_dict(), path)
 
     def plot(self, path: str | Path) -> Path:
         return plot_curve(self, path)
 
 
-def _higher_is_better(column: str) -> bool:
-    return False if column == "consistency_mse" else M.METRICS[column].higher_is_better
+def _open(image: Any) -> Any:
+    """A path is loaded (RGB + alpha, as the pipeline accepts it); any other image is returned as it is."""
+    return load_image(image) if isinstance(image, (str, os.PathLike)) else image
 
 
-def _label(column: str) -> str:
-    return "SR3 consistency: MSE ([0, 1] units) of bicubic-down(SR) vs LQ" if column == "consistency_mse" \
-        else M.METRICS[column].label
-
-
-def _as_pil(img: Any) -> Image.Image:
-    if isinstance(img, Image.Image):
-        return img
-    from .image_io import load_image
-
-    loaded = load_image(img)
-    if loaded.alpha is not None:
-        rgba = loaded.rgb.copy()
-        rgba.putalpha(loaded.alpha)
-        return rgba
-    return loaded.rgb
+def _rgb(image: Any) -> Image.Image:
+    """The RGB view of an input, as the pipeline sees it (for sizes and metrics)."""
+    return as_rgb_alpha_list(image)[0][0]
 
 
 def fidelity_curve(pipe, lq_images: Sequence[Any], gt_images: Sequence[Any] | None = None,
                    weights: Sequence[float] = DEFAULT_WEIGHTS, *, names: Sequence[str] | None = None,
                    metrics: Sequence[str] = DEFAULT_METRICS, crop_border: int = 4, upscale: float | None = None,
-                   color_fix: str = "wavelet", vae_tile_size: int | None = 1024, vae_tile_overlap: int = 64,
+                   color_fix: str = DEFAULT_COLOR_FIX, vae_tile_size: int | None = 1024, vae_tile_overlap: int = 64,
                    metric_device: str = "cpu", metric_backend: str = "auto", keep_images: bool = False,
                    on_image=None, **pipe_kwargs) -> FidelityCurve:
     """Sample each LQ image once, decode it at every CFW weight, and measure each decode.
 
     Args:
         pipe: a [`StableSRPipeline`].
-        lq_images: PIL images or paths.
+        lq_images: images as the pipeline accepts them (PIL, numpy, torch, [`stablesr.image_io.LoadedImage`]) or
+            paths; they are passed to the pipeline as they are (an alpha channel is split off and re-attached there).
         gt_images: ground truth aligned with ``lq_images`` (entries may be ``None``), or ``None``.
         weights: CFW weights in [0, 1].
-        names: a name per image for the table (default: file stems, or ``image0``...).
+        names: a name per image for the table (default: file stems for paths, else ``image0``...).
         metrics: any of [`stablesr.metrics.METRICS`] that is per image: full-reference ones (psnr, ssim, lpips,
             dists, ...) need ground truth; ``consistency`` uses the LQ; no-reference ones (clipiqa, musiq, ...) need
             nothing. A learned metric that cannot be loaded is skipped with a note.
@@ -171,7 +157,7 @@ def fidelity_curve(pipe, lq_images: Sequence[Any], gt_images: Sequence[Any] | No
     if len(gt_list) != len(lq_list):
         raise ValueError(f"got {len(gt_list)} ground-truth images for {len(lq_list)} inputs")
     if names is None:
-        names = [Path(x).stem if not isinstance(x, Image.Image) else f"image{i}" for i, x in enumerate(lq_list)]
+        names = [Path(x).stem if isinstance(x, (str, os.PathLike)) else f"image{i}" for i, x in enumerate(lq_list)]
     names = list(names)
 
     notes: list[str] = []
@@ -188,53 +174,37 @@ def fidelity_curve(pipe, lq_images: Sequence[Any], gt_images: Sequence[Any] | No
         wanted.append(m)
     loaded: dict[str, M.ImageMetric] = {}
     for m in list(wanted):
-        if M.METRICS[m].backends != ("builtin",):
+        if M.METRICS[m].learned:
             try:
                 loaded[m] = M.load_metric(m, metric_device, metric_backend)
             except M.MetricUnavailableError as err:
                 notes.append(f"{m} skipped: {err}")
                 logger.warning("%s skipped: %s", m, err)
                 wanted.remove(m)
-    columns = [c for m in wanted for c in ((m, "consistency_mse") if m == "consistency" else (m,))]
+    columns = M.metric_columns(wanted)
 
     rows: list[dict[str, Any]] = []
     images: dict[tuple[str, float], Image.Image] = {}
     for name, lq_src, gt_src in zip(names, lq_list, gt_list, strict=True):
-        lq = _as_pil(lq_src)
-        gt = _as_pil(gt_src).convert("RGB") if gt_src is not None else None
+        lq = _open(lq_src)
+        lq_rgb = _rgb(lq)
+        gt = _rgb(_open(gt_src)) if gt_src is not None else None
         if gt is None and has_gt:
             notes.append(f"{name}: no ground truth; only no-reference metrics and consistency")
         scale = upscale
         if scale is None:
-            scale = gt.width / lq.width if gt is not None else 4.0
+            scale = gt.width / lq_rgb.width if gt is not None else 4.0
         out = pipe(lq, upscale=scale, color_fix=color_fix, vae_tile_size=vae_tile_size,
                    vae_tile_overlap=vae_tile_overlap, output_type="latent", **pipe_kwargs)
         latents, condition = out.latents[0], out.conditions[0]
         if gt is not None and tuple(reversed(condition.output_size)) != gt.size:
             h, w = condition.output_size
             raise ValueError(f"{name}: the output is {w}x{h} but the ground truth is {gt.width}x{gt.height}; "
-                             f"pass upscale so that round(upscale x {lq.width}x{lq.height}) matches it")
-        lq_rgb = lq.convert("RGB")
+                             f"pass upscale so that round(upscale x {lq_rgb.width}x{lq_rgb.height}) matches it")
         for w in weights:
             img = pipe.decode_latents(latents, condition, w, color_fix, vae_tile_size, vae_tile_overlap)
-            rgb = img.convert("RGB")
             row: dict[str, Any] = {"image": name, "weight": w}
-            for m in wanted:
-                spec = M.METRICS[m]
-                if m == "psnr":
-                    row[m] = M.psnr(rgb, gt, crop_border) if gt is not None else None
-                elif m == "ssim":
-                    row[m] = M.ssim(rgb, gt, crop_border) if gt is not None else None
-                elif m == "psnr_rgb":
-                    row[m] = M.psnr(rgb, gt, crop_border, y_channel=False) if gt is not None else None
-                elif m == "ssim_rgb":
-                    row[m] = M.ssim(rgb, gt, crop_border, y_channel=False) if gt is not None else None
-                elif m == "consistency":
-                    row.update(M.consistency(rgb, lq_rgb))
-                elif spec.kind == "fr":
-                    row[m] = loaded[m](rgb, gt) if gt is not None else None
-                else:
-                    row[m] = loaded[m](rgb)
+            row.update(M.compute_image_metrics(img, gt, lq_rgb, wanted, crop_border=crop_border, loaded=loaded))
             rows.append(row)
             if keep_images:
                 images[(name, w)] = img
@@ -248,11 +218,6 @@ def fidelity_curve(pipe, lq_images: Sequence[Any], gt_images: Sequence[Any] | No
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-_SHORT_LABELS = {"psnr": "PSNR-Y dB vs GT", "ssim": "SSIM-Y vs GT", "psnr_rgb": "PSNR-RGB dB vs GT",
-                 "ssim_rgb": "SSIM-RGB vs GT", "consistency": "consistency dB vs LQ", "lpips": "LPIPS vs GT",
-                 "dists": "DISTS vs GT", "clipiqa": "CLIP-IQA", "musiq": "MUSIQ", "maniqa": "MANIQA", "niqe": "NIQE"}
-
-
 def _panels(curve: FidelityCurve) -> list[tuple[str, list[float], list[float]]]:
     means = curve.mean_rows()
     panels = []
@@ -261,13 +226,14 @@ def _panels(curve: FidelityCurve) -> list[tuple[str, list[float], list[float]]]:
             continue
         pts = [(r["weight"], r[m]) for r in means if r.get(m) is not None and math.isfinite(r[m])]
         if pts:
-            arrow = "higher is better" if M.METRICS[m].higher_is_better else "lower is better"
-            panels.append((f"{_SHORT_LABELS.get(m, m)} ({arrow})", [p[0] for p in pts], [p[1] for p in pts]))
+            spec = M.column_spec(m)
+            arrow = "higher is better" if spec.higher_is_better else "lower is better"
+            panels.append((f"{spec.short_label or m} ({arrow})", [p[0] for p in pts], [p[1] for p in pts]))
     return panels
 
 
 def plot_curve(curve: FidelityCurve, path: str | Path) -> Path:
-    """A PNG with one panel per metric: the mean over images against the CFW weight w."""
+    """A PNG with one panel per metric: the mean over images against the CFW weight w (written atomically)."""
     path = Path(path)
     panels = _panels(curve)
     try:
@@ -285,8 +251,11 @@ def plot_curve(curve: FidelityCurve, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"StableSR fidelity curve (mean of {len({r['image'] for r in curve.rows})} image(s))", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -339,135 +308,4 @@ def _pil_plot(panels: list[tuple[str, list[float], list[float]]], path: Path, n_
             draw.line(pts, fill=(31, 119, 180), width=2)
         for x, y in pts:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    canvas.save(path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def add_fidelity_curve_parser(subparsers) -> None:
-    """Register ``stablesr fidelity-curve`` on an ``argparse`` sub-parser collection."""
-    from .cli import DEFAULT_MODEL, DTYPES, SCHEDULERS
-
-    f = subparsers.add_parser(
-        "fidelity-curve", help="measure the CFW weight trade-off: sample once, decode at several w",
-        description="Sample each input once, decode it at every fidelity weight, and report PSNR/SSIM/LPIPS against "
-                    "ground truth (--gt) and consistency with the input, as a table and a plot.")
-    f.add_argument("inputs", nargs="+", help="LQ image files, folders or glob patterns")
-    f.add_argument("--gt", help="folder of ground-truth images with the same names (stems)")
-    f.add_argument("-o", "--output", required=True, help="output folder (plot, CSV, JSON, optional images)")
-    f.add_argument("--model", default=DEFAULT_MODEL, help="converted folder, official .ckpt, or Hub id")
-    f.add_argument("--cfw", help="official vqgan_cfw .ckpt when --model is an official .ckpt")
-    f.add_argument("--weights", default=",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
-                   help="comma-separated CFW weights (default 0,0.25,0.5,0.75,1)")
-    f.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    f.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm")
-    f.add_argument("--upscale", type=float, default=None, help="default: GT size / input size, else 4")
-    f.add_argument("--color-fix", choices=("wavelet", "adain", "none"), default="wavelet")
-    f.add_argument("--tile-size", type=int, default=None, help="aggregation tile in latent pixels")
-    f.add_argument("--tile-overlap", type=int, default=None)
-    f.add_argument("--vae-tile-size", type=int, default=1024, help="tiled VAE tile in pixels (0 = never tile)")
-    f.add_argument("--start", choices=("lq", "noise"), default="lq")
-    f.add_argument("--seed", type=int, default=42)
-    f.add_argument("--device", default="auto")
-    f.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    f.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help="per-image metrics (default psnr,ssim,lpips,consistency; lpips is skipped with a note when "
-                        "torchmetrics/pyiqa cannot load it)")
-    f.add_argument("--crop-border", type=int, default=4)
-    f.add_argument("--metric-backend", choices=("auto", "torchmetrics", "pyiqa"), default="auto")
-    f.add_argument("--save-images", action="store_true", help="also save every decode as images/NAME_w0.25.png")
-    f.add_argument("--recursive", action="store_true")
-    f.add_argument("-q", "--quiet", action="store_true")
-    f.set_defaults(func=cmd_fidelity_curve)
-
-
-def cmd_fidelity_curve(args) -> int:
-    """Run ``stablesr fidelity-curve``; exit code 0, or 2 for a usage error (printed without a traceback, also under
-    ``python -m stablesr.cli``, where the CLI's own error class is a different object)."""
-    from .cli import CLIError
-
-    try:
-        return _cmd_fidelity_curve(args)
-    except CLIError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def _cmd_fidelity_curve(args) -> int:
-    import torch
-
-    from .cli import CLIError, _make_scheduler, load_pipeline
-    from .image_io import ImageLoadError, iter_image_files, save_image
-
-    try:
-        weights = [float(w) for w in args.weights.split(",") if w.strip()]
-    except ValueError:
-        raise CLIError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
-    if not weights or any(not 0 <= w <= 1 for w in weights):
-        raise CLIError(f"fidelity weights must be in [0, 1], got {args.weights}")
-    try:
-        files = iter_image_files(args.inputs, recursive=args.recursive)
-    except FileNotFoundError as err:
-        raise CLIError(str(err)) from None
-    gt_files: list[Path | None] = [None] * len(files)
-    if args.gt:
-        gt_dir = Path(args.gt)
-        if not gt_dir.is_dir():
-            raise CLIError(f"--gt folder '{gt_dir}' does not exist")
-        index = {p.stem: p for p in iter_image_files(gt_dir)}
-        gt_files = [index.get(f.stem) for f in files]
-        missing = [f.name for f, g in zip(files, gt_files, strict=True) if g is None]
-        if missing:
-            print(f"no ground truth for {len(missing)} input(s): {', '.join(missing[:10])}", file=sys.stderr)
-    metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in metric_names if m not in M.METRICS]
-    if unknown:
-        raise CLIError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(M.METRICS)}")
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    pipe = load_pipeline(args.model, args.cfw, device, args.dtype)
-    if args.scheduler != "ddpm":
-        _make_scheduler(pipe, args.scheduler)
-    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
-
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    image_dir = out / "images"
-
-    def save(name, w, img):
-        if args.save_images:
-            alpha = img.getchannel("A") if img.mode == "RGBA" else None
-            save_image(img.convert("RGB"), image_dir / f"{name}_w{w:.2f}.png", alpha=alpha, overwrite=True)
-
-    try:
-        lq = [f for f in files]
-        curve = fidelity_curve(
-            pipe, lq, gt_files if args.gt else None, weights, names=[f.stem for f in files], metrics=metric_names,
-            crop_border=args.crop_border, upscale=args.upscale, color_fix=args.color_fix,
-            vae_tile_size=args.vae_tile_size or None, metric_backend=args.metric_backend,
-            metric_device=device if device != "mps" else "cpu", on_image=save, num_inference_steps=args.steps,
-            tile_size=args.tile_size, tile_overlap=args.tile_overlap, start=args.start,
-            generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        )
-    except (ImageLoadError, ValueError) as err:
-        raise CLIError(str(err)) from None
-    paths = [curve.write_csv(out / "fidelity_curve.csv"), curve.write_json(out / "fidelity_curve.json"),
-             curve.plot(out / "fidelity_curve.png")]
-    cols = [c for c in curve.metrics if c != "consistency_mse"]
-    print("w      " + "  ".join(f"{c:>12s}" for c in cols))
-    for r in curve.mean_rows():
-        print(f"{r['weight']:<6g} " + "  ".join(f"{'-' if r[c] is None else f'{r[c]:.4f}':>12s}" for c in cols))
-    for c in cols:
-        best = curve.best_weight(c)
-        if best is not None:
-            print(f"best w for {c}: {best:g}")
-    for note in curve.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print("wrote " + ", ".join(str(p) for p in paths) + (f" and {image_dir}/" if args.save_images else ""))
-    return 0
+    return save_image(canvas, path, overwrite=True)

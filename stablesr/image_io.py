@@ -4,7 +4,8 @@ Everything that touches image files or converts between image containers lives h
 
 - [`load_image`] reads one file robustly (any common Pillow mode, EXIF orientation, ICC profiles, 16-bit sources,
   CMYK JPEGs, multi-frame files) and turns every failure into an [`ImageLoadError`] that names the file, the problem
-  and, when there is one, the fix.
+  and, when there is one, the fix. [`decode_image_bytes`] decodes a file held in memory (a tar shard member) through
+  the same code.
 - [`save_image`] writes atomically (temporary file in the same folder, `fsync`, `os.replace`), never overwrites by
   accident and re-attaches alpha, ICC profile and EXIF where the format can hold them.
 - [`iter_image_files`] expands files, folders and glob patterns into the list of images to process.
@@ -17,6 +18,7 @@ error, never a silently grey-padded image), and the decompression-bomb guard is 
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 import re
@@ -26,17 +28,12 @@ from collections.abc import Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from .file_utils import atomic_write
 from .image_processor import ALPHA_MODES, HIGH_DEPTH_MODES, high_depth_to_l, icc_color_space, split_rgb_alpha
-
-try:  # LittleCMS is optional in Pillow builds.
-    from PIL import ImageCms
-except ImportError:  # pragma: no cover - depends on the Pillow build
-    ImageCms = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +43,7 @@ __all__ = [
     "SAVE_EXTENSIONS",
     "ImageLoadError",
     "LoadedImage",
+    "decode_image_bytes",
     "iter_image_files",
     "load_image",
     "save_image",
@@ -187,13 +185,16 @@ def _bomb_fix(limit: int, needed: int | None = None) -> str:
     )
 
 
-def _sniff_problem(path: Path) -> tuple[str, str | None]:
-    """Explain why Pillow could not identify a file, from its first bytes."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(512)
-    except OSError:
-        head = b""
+def _sniff_problem(path: Path, data: bytes | None = None) -> tuple[str, str | None]:
+    """Explain why Pillow could not identify a file (or the in-memory `data` of one), from its first bytes."""
+    if data is not None:
+        head = data[:512]
+    else:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(512)
+        except OSError:
+            head = b""
     fix = "check that it really is an image (re-export it as PNG or JPEG)"
     if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftyphevc", b"ftypmsf1"):
         return (
@@ -282,6 +283,98 @@ def _upright_exif(raw_exif: bytes | None, upright: Image.Image, label: str) -> b
 _warned_truncated_flag = False
 
 
+def _decode(fh: IO[bytes], path: Path, limit: int, data: bytes | None = None) -> LoadedImage:
+    """Decode an open image file (or a `BytesIO` of `data`) named `path` in messages; see [`load_image`]."""
+    global _warned_truncated_flag
+    label = str(path)
+    try:
+        # Pillow's own guard would refuse or warn at its smaller default limit; ours replaces it.
+        with _pillow_globals(MAX_IMAGE_PIXELS=None):
+            im = Image.open(fh)
+    except UnidentifiedImageError as e:
+        problem, fix = _sniff_problem(path, data)
+        raise ImageLoadError(path, problem, fix) from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"exceeds Pillow's pixel limit ({e})", _bomb_fix(limit)) from e
+    except Exception as e:
+        raise ImageLoadError(path, f"corrupt image header ({type(e).__name__}: {e})", "re-export it") from e
+
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(path, f"invalid image size {width}x{height}", "re-export it")
+    if width * height > limit:
+        raise ImageLoadError(
+            path,
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels "
+            "(possible decompression bomb)",
+            _bomb_fix(limit, width * height),
+        )
+    try:
+        n_frames = getattr(im, "n_frames", 1) or 1
+    except Exception as e:  # counting frames reads the whole file; a damaged later frame must not stop us here
+        logger.debug("%s: could not count frames (%s)", label, e)
+        n_frames = 1
+        with suppress(Exception):
+            im.seek(0)
+    if n_frames > 1:
+        if im.format == "MPO":
+            logger.debug("%s: MPO file with %d images; using the first", label, n_frames)
+        else:
+            logger.warning("%s: %s file has %d frames; using only the first frame", label, im.format, n_frames)
+    fmt = im.format
+    bit_depth = _source_bit_depth(im)
+    raw_exif = im.info.get("exif")
+    raw_exif = bytes(raw_exif) if isinstance(raw_exif, (bytes, bytearray)) and raw_exif else None
+
+    try:
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            # Someone turned on Pillow's lenient mode process-wide; never let it hide a truncated input.
+            if not _warned_truncated_flag:
+                logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; load_image ignores it")
+                _warned_truncated_flag = True
+            with _pillow_globals(LOAD_TRUNCATED_IMAGES=False):
+                im.load()
+        else:
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"exceeds Pillow's pixel limit ({e})", _bomb_fix(limit)) from e
+    except MemoryError as e:
+        raise ImageLoadError(path, f"not enough memory to decode {width}x{height} pixels") from e
+    except Exception as e:
+        text = str(e)
+        if "truncated" in text.lower() or isinstance(e, EOFError):
+            problem = f"the file is truncated ({type(e).__name__}: {text})"
+        else:
+            problem = f"corrupt image data ({type(e).__name__}: {text})"
+        raise ImageLoadError(path, problem, "re-download or re-export it; it cannot be decoded completely") from e
+
+    mode = im.mode
+    icc = im.info.get("icc_profile") or None
+    try:
+        upright = ImageOps.exif_transpose(im)
+    except Exception as e:
+        logger.warning("%s: unreadable EXIF (%s); orientation not applied and EXIF dropped", label, e)
+        upright, raw_exif = im, None
+    exif = _upright_exif(raw_exif, upright, label)
+    try:
+        rgb, alpha, icc = split_rgb_alpha(upright, icc, label)
+    except ValueError as e:
+        raise ImageLoadError(path, str(e), "convert it to an 8-bit RGB PNG or JPEG") from e
+    except Exception as e:
+        raise ImageLoadError(path, f"mode {mode!r} could not be converted to RGB ({type(e).__name__}: {e})") from e
+
+    return LoadedImage(
+    rgb=rgb,
+    alpha=alpha,
+    mode=mode,
+    icc_profile=icc,
+    exif=exif,
+    bit_depth=bit_depth,
+    path=path,
+    format=fmt,
+    )
+
+
 def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> LoadedImage:
     """Load an image file as upright 8-bit RGB plus optional alpha, keeping its colour profile and EXIF.
 
@@ -307,12 +400,10 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         [`ImageLoadError`]: (a `ValueError`) naming the file, for a missing file, a directory, an empty file, a file
         that is not an image, corrupt or truncated data, an image above the pixel limit, or an unsupported mode.
     """
-    global _warned_truncated_flag
     path = Path(path)
     limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if limit <= 0:
         raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
-    label = str(path)
 
     if not path.exists():
         if path.is_symlink():
@@ -335,92 +426,32 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         raise ImageLoadError(path, "the file is empty (0 bytes)", "re-export or re-download it")
 
     with fh:
-        try:
-            # Pillow's own guard would refuse or warn at its smaller default limit; ours replaces it.
-            with _pillow_globals(MAX_IMAGE_PIXELS=None):
-                im = Image.open(fh)
-        except UnidentifiedImageError as e:
-            problem, fix = _sniff_problem(path)
-            raise ImageLoadError(path, problem, fix) from e
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageLoadError(path, f"exceeds Pillow's pixel limit ({e})", _bomb_fix(limit)) from e
-        except Exception as e:
-            raise ImageLoadError(path, f"corrupt image header ({type(e).__name__}: {e})", "re-export it") from e
+        return _decode(fh, path, limit)
 
-        width, height = im.size
-        if width <= 0 or height <= 0:
-            raise ImageLoadError(path, f"invalid image size {width}x{height}", "re-export it")
-        if width * height > limit:
-            raise ImageLoadError(
-                path,
-                f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels "
-                "(possible decompression bomb)",
-                _bomb_fix(limit, width * height),
-            )
-        try:
-            n_frames = getattr(im, "n_frames", 1) or 1
-        except Exception as e:  # counting frames reads the whole file; a damaged later frame must not stop us here
-            logger.debug("%s: could not count frames (%s)", label, e)
-            n_frames = 1
-            with suppress(Exception):
-                im.seek(0)
-        if n_frames > 1:
-            if im.format == "MPO":
-                logger.debug("%s: MPO file with %d images; using the first", label, n_frames)
-            else:
-                logger.warning("%s: %s file has %d frames; using only the first frame", label, im.format, n_frames)
-        fmt = im.format
-        bit_depth = _source_bit_depth(im)
-        raw_exif = im.info.get("exif")
-        raw_exif = bytes(raw_exif) if isinstance(raw_exif, (bytes, bytearray)) and raw_exif else None
 
-        try:
-            if ImageFile.LOAD_TRUNCATED_IMAGES:
-                # Someone turned on Pillow's lenient mode process-wide; never let it hide a truncated input.
-                if not _warned_truncated_flag:
-                    logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; load_image ignores it")
-                    _warned_truncated_flag = True
-                with _pillow_globals(LOAD_TRUNCATED_IMAGES=False):
-                    im.load()
-            else:
-                im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageLoadError(path, f"exceeds Pillow's pixel limit ({e})", _bomb_fix(limit)) from e
-        except MemoryError as e:
-            raise ImageLoadError(path, f"not enough memory to decode {width}x{height} pixels") from e
-        except Exception as e:
-            text = str(e)
-            if "truncated" in text.lower() or isinstance(e, EOFError):
-                problem = f"the file is truncated ({type(e).__name__}: {text})"
-            else:
-                problem = f"corrupt image data ({type(e).__name__}: {text})"
-            raise ImageLoadError(path, problem, "re-download or re-export it; it cannot be decoded completely") from e
+def decode_image_bytes(data: bytes, name: str, *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode an image file held in memory (e.g. a tar shard member) exactly as [`load_image`] decodes a file.
 
-        mode = im.mode
-        icc = im.info.get("icc_profile") or None
-        try:
-            upright = ImageOps.exif_transpose(im)
-        except Exception as e:
-            logger.warning("%s: unreadable EXIF (%s); orientation not applied and EXIF dropped", label, e)
-            upright, raw_exif = im, None
-        exif = _upright_exif(raw_exif, upright, label)
-        try:
-            rgb, alpha, icc = split_rgb_alpha(upright, icc, label)
-        except ValueError as e:
-            raise ImageLoadError(path, str(e), "convert it to an 8-bit RGB PNG or JPEG") from e
-        except Exception as e:
-            raise ImageLoadError(path, f"mode {mode!r} could not be converted to RGB ({type(e).__name__}: {e})") from e
+    Same modes, EXIF orientation, ICC handling, 16-bit scaling, pixel limit and errors as [`load_image`]; `name` only
+    labels messages and becomes [`LoadedImage`]`.path`.
 
-    return LoadedImage(
-        rgb=rgb,
-        alpha=alpha,
-        mode=mode,
-        icc_profile=icc,
-        exif=exif,
-        bit_depth=bit_depth,
-        path=path,
-        format=fmt,
-    )
+    Args:
+        data (`bytes`): The encoded file (PNG, JPEG, ...).
+        name (`str`): What to call it in messages, e.g. `"shard-000003.tar:000042.gt.png"`.
+        max_pixels (`int`, *optional*): As in [`load_image`].
+
+    Raises:
+        [`ImageLoadError`]: naming `name`, for empty data, data that is not an image, corrupt or truncated data, an
+        image above the pixel limit, or an unsupported mode.
+    """
+    path = Path(name)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    if limit <= 0:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
+    if not data:
+        raise ImageLoadError(path, "the data is empty (0 bytes)", "re-export or re-download it")
+    data = bytes(data)
+    return _decode(io.BytesIO(data), path, limit, data)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

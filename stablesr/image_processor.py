@@ -33,8 +33,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Canvas",
+    "SplitImage",
     "as_pil_list",
     "as_rgb_alpha_list",
+    "alpha_from_tensor",
+    "alpha_to_tensor",
     "attach_alpha",
     "from_tensor",
     "pad_to",
@@ -425,6 +428,17 @@ def _split_pil_batch(images: list[Image.Image]) -> list[tuple[Image.Image, Image
     return out
 
 
+@dataclass(frozen=True)
+class SplitImage:
+    """An image whose alpha channel is already split off: ``rgb`` (PIL `RGB`) and ``alpha`` (PIL `L` or None).
+
+    The pipeline accepts it (as it accepts [`stablesr.image_io.LoadedImage`]) without splitting again.
+    """
+
+    rgb: Image.Image
+    alpha: Image.Image | None = None
+
+
 def as_rgb_alpha_list(image: Any) -> list[tuple[Image.Image, Image.Image | None]]:
     """Normalise pipeline inputs to ``(rgb, alpha)`` pairs: the one place where an alpha channel is split off.
 
@@ -443,6 +457,20 @@ def as_rgb_alpha_list(image: Any) -> list[tuple[Image.Image, Image.Image | None]
     if isinstance(image, (list, tuple)) and image and all(hasattr(i, "rgb") for i in image):
         return [pair for item in image for pair in as_rgb_alpha_list(item)]
     return _split_pil_batch(as_pil_list(image))
+
+
+def alpha_to_tensor(alpha: Image.Image) -> torch.Tensor:
+    """A mode "L" alpha channel as a (1, 1, H, W) uint8 tensor (exact; see [`alpha_from_tensor`])."""
+    if not isinstance(alpha, Image.Image) or alpha.mode != "L":
+        got = alpha.mode if isinstance(alpha, Image.Image) else type(alpha).__name__
+        raise ValueError(f"alpha must be a PIL image of mode 'L', got {got!r}")
+    return torch.from_numpy(np.array(alpha, dtype=np.uint8))[None, None]
+
+
+def alpha_from_tensor(alpha: torch.Tensor) -> Image.Image:
+    """A (1, 1, H, W) or (H, W) uint8 alpha tensor as a mode "L" PIL image."""
+    arr = alpha.detach().cpu().reshape(alpha.shape[-2:]).to(torch.uint8).numpy()
+    return Image.fromarray(arr, mode="L")
 
 
 def attach_alpha(image: Image.Image, alpha: Image.Image | None) -> Image.Image:

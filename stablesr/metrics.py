@@ -36,6 +36,10 @@ pyiqa is an optional extra only: its license is non-commercial (PolyForm Noncomm
 ``backend="pyiqa"`` to use it for every metric (that is the harness behind most published tables, e.g. OSEDiff's
 ``test_metrics.py``; torchmetrics' FID and CLIP-IQA implementations differ from pyiqa's, so compare numbers only
 within one backend).
+
+[`METRICS`] is the registry of names, kinds (what a metric compares with), directions and labels; [`metric_columns`] /
+[`column_spec`] add the extra report columns (``consistency_mse``). [`compute_image_metrics`] computes any list of
+per-image metrics for one (SR, GT, LQ) triple; ``stablesr evaluate`` and the fidelity curve both go through it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +59,19 @@ from PIL import Image
 
 __all__ = [
     "METRICS",
+    "ImageMetric",
     "MetricSpec",
     "MetricUnavailableError",
     "bicubic_resize",
+    "column_spec",
     "compute_fid",
-    "fid_backend",
+    "compute_image_metrics",
     "consistency",
+    "fid_backend",
     "load_metric",
+    "metric_columns",
     "mse",
+    "parse_metric_names",
     "psnr",
     "rgb_to_y",
     "ssim",
@@ -254,6 +263,7 @@ class MetricSpec:
         higher_is_better: direction.
         label: a short description for reports.
         backends: where it comes from, in order of preference for ``backend="auto"``.
+        short_label: a plot axis title (what is compared with what).
     """
 
     name: str
@@ -261,26 +271,78 @@ class MetricSpec:
     higher_is_better: bool
     label: str
     backends: tuple[str, ...] = ("builtin",)
+    short_label: str = ""
+
+    @property
+    def learned(self) -> bool:
+        """Whether it runs through a library with pretrained weights (see [`load_metric`] / [`compute_fid`])."""
+        return self.backends != ("builtin",)
 
 
+_LEARNED = ("torchmetrics", "pyiqa")
 METRICS: dict[str, MetricSpec] = {
     m.name: m
     for m in (
-        MetricSpec("psnr", "fr", True, "PSNR dB, Y (BT.601)"),
-        MetricSpec("ssim", "fr", True, "SSIM, Y (BT.601)"),
-        MetricSpec("psnr_rgb", "fr", True, "PSNR dB, RGB"),
-        MetricSpec("ssim_rgb", "fr", True, "SSIM, RGB"),
-        MetricSpec("consistency", "lq", True, "SR3 consistency: PSNR dB of bicubic-down(SR) vs LQ"),
-        MetricSpec("lpips", "fr", False, "LPIPS (AlexNet)", ("torchmetrics", "pyiqa")),
-        MetricSpec("dists", "fr", False, "DISTS", ("torchmetrics", "pyiqa")),
-        MetricSpec("fid", "set", False, "FID, folder to folder", ("torchmetrics", "pyiqa")),
-        MetricSpec("clipiqa", "nr", True, "CLIP-IQA", ("torchmetrics", "pyiqa")),
-        MetricSpec("musiq", "nr", True, "MUSIQ", ("pyiqa",)),
-        MetricSpec("maniqa", "nr", True, "MANIQA (PIPAL)", ("pyiqa",)),
-        MetricSpec("niqe", "nr", False, "NIQE", ("pyiqa",)),
+        MetricSpec("psnr", "fr", True, "PSNR dB, Y (BT.601)", short_label="PSNR-Y dB vs GT"),
+        MetricSpec("ssim", "fr", True, "SSIM, Y (BT.601)", short_label="SSIM-Y vs GT"),
+        MetricSpec("psnr_rgb", "fr", True, "PSNR dB, RGB", short_label="PSNR-RGB dB vs GT"),
+        MetricSpec("ssim_rgb", "fr", True, "SSIM, RGB", short_label="SSIM-RGB vs GT"),
+        MetricSpec("consistency", "lq", True, "SR3 consistency: PSNR dB of bicubic-down(SR) vs LQ",
+                   short_label="consistency dB vs LQ"),
+        MetricSpec("lpips", "fr", False, "LPIPS (AlexNet)", _LEARNED, "LPIPS vs GT"),
+        MetricSpec("dists", "fr", False, "DISTS", _LEARNED, "DISTS vs GT"),
+        MetricSpec("fid", "set", False, "FID, folder to folder", _LEARNED, "FID vs GT set"),
+        MetricSpec("clipiqa", "nr", True, "CLIP-IQA", _LEARNED, "CLIP-IQA"),
+        MetricSpec("musiq", "nr", True, "MUSIQ", ("pyiqa",), "MUSIQ"),
+        MetricSpec("maniqa", "nr", True, "MANIQA (PIPAL)", ("pyiqa",), "MANIQA"),
+        MetricSpec("niqe", "nr", False, "NIQE", ("pyiqa",), "NIQE"),
     )
 }
-BUILTIN_METRICS = tuple(name for name, spec in METRICS.items() if spec.backends == ("builtin",))
+BUILTIN_METRICS = tuple(name for name, spec in METRICS.items() if not spec.learned)
+# Report columns a metric fills besides its own: the consistency check also reports its MSE.
+EXTRA_COLUMNS: dict[str, tuple[MetricSpec, ...]] = {
+    "consistency": (MetricSpec("consistency_mse", "lq", False,
+                               "SR3 consistency: MSE ([0, 1] units) of bicubic-down(SR) vs LQ",
+                               short_label="consistency MSE vs LQ"),),
+}
+# Spellings accepted on the command line (after lower-casing and dropping "-").
+_ALIASES = {"psnry": "psnr", "ssimy": "ssim", "psnrrgb": "psnr_rgb", "ssimrgb": "ssim_rgb", "clip_iqa": "clipiqa",
+            "clipiqa+": "clipiqa", "maniqapipal": "maniqa"}
+
+
+def parse_metric_names(text: str | Sequence[str]) -> list[str]:
+    """Metric names from a comma-separated string or a list: normalised (``PSNR-Y`` -> ``psnr``), de-duplicated,
+    in order; `ValueError` for an unknown name or an empty list."""
+    names = [m.strip().lower().replace("-", "") for m in (text.split(",") if isinstance(text, str) else text)]
+    out = []
+    for n in names:
+        if not n:
+            continue
+        n = _ALIASES.get(n, n)
+        if n not in METRICS:
+            raise ValueError(f"unknown metric '{n}'; choose from {', '.join(METRICS)}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise ValueError("no metrics given")
+    return out
+
+
+def metric_columns(names: Iterable[str]) -> list[str]:
+    """The report columns of ``names``, in order: each metric's own, then its extra ones (``consistency_mse``)."""
+    return [c for n in names for c in (n, *(spec.name for spec in EXTRA_COLUMNS.get(n, ())))]
+
+
+def column_spec(column: str) -> MetricSpec:
+    """The [`MetricSpec`] of a report column: a metric of [`METRICS`] or an extra column such as ``consistency_mse``."""
+    if column in METRICS:
+        return METRICS[column]
+    for extra in EXTRA_COLUMNS.values():
+        for spec in extra:
+            if spec.name == column:
+                return spec
+    raise KeyError(f"unknown metric column {column!r}")
+
 
 # pyiqa's names for our metrics (the ones OSEDiff's test_metrics.py uses).
 _PYIQA_NAMES = {"lpips": "lpips", "dists": "dists", "fid": "fid", "clipiqa": "clipiqa", "musiq": "musiq",
@@ -460,6 +522,55 @@ def load_metric(name: str, device: str = "cpu", backend: str = "auto") -> ImageM
             continue
         return ImageMetric(name, b, fn, device)
     raise _missing_everywhere(name, errors)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-image dispatch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+# Weight-free full-reference metrics: name -> (function, on the Y channel).
+_PIXEL_METRICS = {"psnr": (psnr, True), "ssim": (ssim, True), "psnr_rgb": (psnr, False), "ssim_rgb": (ssim, False)}
+
+
+def compute_image_metrics(sr: Any, gt: Any = None, lq: Any = None, names: Sequence[str] = ("psnr", "ssim"), *,
+                          crop_border: int = 0, loaded: Mapping[str, ImageMetric] | None = None
+                          ) -> dict[str, float | None]:
+    """The per-image metrics of one restored image: the one place that decides how each metric name is computed.
+
+    Args:
+        sr: the restored image (see [`to_array`]; alpha is ignored).
+        gt: its ground truth, same size, or ``None``.
+        lq: its LQ input, or ``None``.
+        names: per-image metrics of [`METRICS`] ("fr", "nr" or "lq" kind; FID is a set metric, see [`compute_fid`]).
+        crop_border: pixels dropped on each side for ``psnr``, ``ssim``, ``psnr_rgb`` and ``ssim_rgb``.
+        loaded: the learned metrics among ``names``, from [`load_metric`], by name.
+
+    Returns:
+        ``{column: value}`` for every column of [`metric_columns`] ``(names)``; ``None`` where a metric needs a ground
+        truth or LQ image that was not given.
+    """
+    loaded = loaded or {}
+    values: dict[str, float | None] = {}
+    for name in names:
+        spec = METRICS.get(name)
+        if spec is None:
+            raise ValueError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        if spec.kind == "set":
+            raise ValueError(f"{name} is a set metric, not a per-image one; use compute_fid")
+        reference = {"fr": gt, "lq": lq, "nr": sr}[spec.kind]
+        if reference is None:
+            values.update(dict.fromkeys(metric_columns([name])))
+        elif name in _PIXEL_METRICS:
+            fn, y_channel = _PIXEL_METRICS[name]
+            values[name] = fn(sr, gt, crop_border, y_channel=y_channel)
+        elif name == "consistency":
+            values.update(consistency(sr, lq))
+        elif name not in loaded:
+            raise ValueError(f"{name} is a learned metric: load it with load_metric and pass it in `loaded`")
+        else:
+            values[name] = loaded[name](sr, gt) if spec.kind == "fr" else loaded[name](sr)
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------------------------

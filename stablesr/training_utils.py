@@ -25,6 +25,8 @@ import torch
 import yaml
 from diffusers.utils import logging
 
+from .file_utils import fsync_dir
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -205,24 +207,11 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"saved state to {final}")
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------------ launch check

@@ -2,9 +2,11 @@
 
 Why our own loops instead of ``AutoencoderKL.enable_tiling()``: the CFW decoder needs, for every decoded tile, the
 VAE-encoder features of the same region of the low-quality image. diffusers' tiled decode cannot hand per-tile
-features to the decoder, and keeping full-resolution CFW features costs ~64 bytes x H x W (4 GB at 4096^2, fp32).
-Here each decode tile recomputes its CFW features from a crop of the low-quality image with a margin, so nothing
-full-resolution is kept but the image buffers themselves.
+features to the decoder, and keeping full-resolution CFW features costs 96 floats per pixel (SD VAE levels 1 and
+2: 256 channels at H/2 and 512 at H/4; 384 MB at 1024^2, 6 GB at 4096^2 in fp32). Here each decode tile recomputes
+its CFW features from a crop of the low-quality image with a margin, so nothing full-resolution is kept but the
+image buffers themselves. Images that fit one tile are decoded in one pass and can reuse the features of the encoder
+pass that gave their LQ latent ([`CFWAdapter.encode_features`] returns both), so they are encoded only once.
 
 Tiles come from [`stablesr.tiling.pixel_tile_grid`]: the official tile count per axis, but balanced tiles of one
 size instead of a last tile snapped to the border (at 2048^2 with 1024-px tiles: 1.14x the image area to decode
@@ -13,6 +15,8 @@ statistics are per tile, so tiled results differ slightly from untiled ones (mea
 tiles differ a little more: 14.6 vs 15.2 dB on the random test VAE, diffusers' tiled VAE 14.3 dB); images that fit
 in one tile take the exact untiled path.
 """
+
+from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL
@@ -25,6 +29,11 @@ def _vae_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def fits_one_tile(height: int, width: int, tile_size: int | None) -> bool:
+    """Whether an image of ``height`` x ``width`` pixels takes the untiled path (``tile_size`` None = never tile)."""
+    return tile_size is None or (height <= tile_size and width <= tile_size)
+
+
 def encode_moments(
     vae: AutoencoderKL, image: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +44,7 @@ def encode_moments(
     """
     factor = _vae_factor(vae)
     height, width = image.shape[-2:]
-    if tile_size is None or (height <= tile_size and width <= tile_size):
+    if fits_one_tile(height, width, tile_size):
         dist = vae.encode(image).latent_dist
         return dist.mean, dist.std
     _check_tiles(tile_size, tile_overlap, factor)
@@ -65,23 +74,29 @@ def decode(
     fidelity_weight: float = 0.0,
     tile_size: int | None = None,
     tile_overlap: int = 64,
-    encoder_features: list[torch.Tensor] | None = None,
+    encoder_features: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Decode raw (unscaled) ``latents`` to an image in [-1, 1] (unclamped), with CFW when an adapter is given.
 
     Args:
         latents: (B, 4, h, w) raw latents (already divided by the scaling factor).
         lq_image: (B, 3, 8h, 8w) low-quality image in [-1, 1] whose encoder features the CFW fuses; needed when
-            ``fidelity_weight > 0`` and no ``encoder_features`` are given.
+            ``fidelity_weight > 0``, unless the decode is untiled and ``encoder_features`` are given.
         tile_size / tile_overlap: decode tile and overlap in PIXELS; ``None`` or a small image decodes in one pass.
-        encoder_features: precomputed full-size CFW features (untiled path only; saves one encoder pass).
+        encoder_features: the CFW features of the whole ``lq_image`` (e.g. from the encoder pass that gave the LQ
+            latent, [`CFWAdapter.encode_features`]), used by the untiled path instead of encoding ``lq_image`` again.
+            The tiled path ignores them and encodes each tile's LQ crop.
     """
     factor = _vae_factor(vae)
     use_cfw = cfw_adapter is not None and fidelity_weight > 0
     height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
-    if use_cfw and lq_image is None and encoder_features is None:
-        raise ValueError("CFW decoding with fidelity_weight > 0 needs the low-quality image (lq_image)")
-    if tile_size is None or (height <= tile_size and width <= tile_size):
+    untiled = fits_one_tile(height, width, tile_size)
+    if use_cfw and lq_image is None and (encoder_features is None or not untiled):
+        raise ValueError(
+            "CFW decoding with fidelity_weight > 0 needs the low-quality image (lq_image); only an untiled decode "
+            "can use precomputed encoder_features instead"
+        )
+    if untiled:
         if not use_cfw:
             return vae.decode(latents).sample
         if encoder_features is None:

@@ -13,7 +13,7 @@ lock per pipeline.
 
 Python use::
 
-    from stablesr.cli import load_pipeline
+    from stablesr.loading import load_pipeline
     from stablesr.webui import build_app, launch_app
 
     demo = build_app(load_pipeline("path/to/converted"), max_upload_pixels=1024 * 1024)
@@ -23,14 +23,12 @@ Python use::
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import logging
 import math
 import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -41,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import DEFAULT_MODEL, DTYPES, CLIError, load_pipeline
+from .color import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULER_LABELS, SCHEDULERS
 
 logger = logging.getLogger("stablesr.webui")
 
@@ -59,18 +58,8 @@ DEFAULT_MAX_FILE_SIZE = "50mb"
 SESSION_TTL_S = 2 * 3600  # a session's cached latents and files are dropped this long after its last update
 
 # (label, value) for the scheduler dropdown; values as in `stablesr restore --scheduler`.
-SCHEDULER_CHOICES = [
-    ("DDPM (official, respaced)", "ddpm"),
-    ("DDIM", "ddim"),
-    ("DPM-Solver++", "dpmsolver"),
-    ("UniPC", "unipc"),
-    ("Euler", "euler"),
-]
-COLOR_FIX_CHOICES = ["wavelet", "adain", "none"]
-
-
-class UIError(CLIError, ValueError):
-    """A user-fixable `stablesr ui` error (a ValueError too, so `python -m stablesr.cli` prints it cleanly)."""
+SCHEDULER_CHOICES = [(SCHEDULER_LABELS[name], name) for name in SCHEDULERS]
+COLOR_FIX_CHOICES = list(COLOR_FIX_METHODS)
 
 
 # ----------------------------------------------------------------------------------------------------------- counters
@@ -153,13 +142,6 @@ def _mp(pixels: float) -> str:
     return f"{pixels / 1e6:.2g} MP" if pixels < 1e6 else f"{pixels / 1e6:.1f} MP"
 
 
-def _work_size(pipe, width: int, height: int, upscale: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((out_w, out_h), (work_w, work_h)) exactly as `StableSRPipeline.prepare_condition` computes them."""
-    out_h, out_w = max(1, round(height * upscale)), max(1, round(width * upscale))
-    scale = max(1.0, pipe.native_size / min(out_h, out_w))
-    return (out_w, out_h), (round(out_w * scale), round(out_h * scale))
-
-
 def check_upload_size(width: int, height: int, max_upload_pixels: int) -> None:
     """Raise ValueError (message names the limit and the fix) when an upload has too many pixels."""
     pixels = width * height
@@ -176,7 +158,8 @@ def check_upload_size(width: int, height: int, max_upload_pixels: int) -> None:
 
 def check_output_size(pipe, width: int, height: int, upscale: float, max_output_pixels: int) -> tuple[int, int]:
     """Raise ValueError when the result (or the canvas sampled for it) would exceed ``max_output_pixels``."""
-    (out_w, out_h), (work_w, work_h) = _work_size(pipe, width, height, upscale)
+    canvas = pipe.working_canvas(height, width, upscale)  # the pipeline's own arithmetic
+    (out_h, out_w), (work_h, work_w) = canvas.output_size, canvas.work_size
     if out_w * out_h > max_output_pixels:
         best = math.sqrt(max_output_pixels / (width * height))
         raise ValueError(
@@ -301,7 +284,7 @@ def build_app(
     import torch
     from PIL import Image
 
-    from .image_io import ImageLoadError, load_image
+    from .image_io import ImageLoadError, load_image, save_image
 
     if max_upload_pixels < 1 or max_output_pixels < 1:
         raise ValueError("max_upload_pixels and max_output_pixels must be positive")
@@ -340,7 +323,7 @@ def build_app(
         seconds = time.perf_counter() - t0
         record("decode", seconds)
         path = tmpdir / f"{session.stem}_x{session.upscale:g}_w{float(fidelity):.2f}_{uuid.uuid4().hex[:8]}.png"
-        image.save(path, format="PNG")
+        save_image(image, path, overwrite=True)
         return str(path), seconds
 
     def on_upload(path):
@@ -373,9 +356,6 @@ def build_app(
                        "Image not accepted") from None
         except ValueError as err:
             raise fail(str(err), "Image not accepted") from None
-        image = loaded.rgb.copy()
-        if loaded.alpha is not None:
-            image.putalpha(loaded.alpha)
         seed = int(seed) if seed is not None and int(seed) >= 0 else random.randrange(2**31)
         tile = int(tile_size or 0) or native_tile
         overlap = min(tile - 1, round(tile * float(tile_overlap)))
@@ -391,7 +371,7 @@ def build_app(
                 record("sampling")
                 t0 = time.perf_counter()
                 out = pipe(
-                    image,
+                    loaded,  # RGB + alpha, split once by load_image
                     upscale=upscale,
                     num_inference_steps=steps,
                     fidelity_weight=float(fidelity),
@@ -405,13 +385,12 @@ def build_app(
                 sampling_s = time.perf_counter() - t0
                 stats.last_sampling_s = STATS.last_sampling_s = sampling_s
             latents = out.latents[0].detach().cpu()
-            cond = out.conditions[0]
-            cond.lq_image = cond.lq_image.detach().cpu()
+            cond = out.conditions[0].to("cpu")
             progress(1.0, desc="Decoding")
             before = loaded.rgb.resize((out_w, out_h), Image.Resampling.BICUBIC)  # what a plain resize gives
             stem = _safe_stem(path)
             before_path = tmpdir / f"{stem}_input_x{upscale:g}_{uuid.uuid4().hex[:8]}.png"
-            before.save(before_path, format="PNG")
+            save_image(before, before_path, overwrite=True)
             _prune_old_files(tmpdir, SESSION_TTL_S)
             info = (f"{width}×{height} → {out_w}×{out_h} (×{upscale:g}), {steps} {scheduler} steps, seed {seed}, "
                     f"sampled in {sampling_s:.2f} s")
@@ -476,9 +455,9 @@ def build_app(
                                     info="one pass; StableSR is trained for ×4 (stablesr restore chains passes for more)")
                 steps = gr.Slider(1, MAX_UI_STEPS, value=min(steps_default, MAX_UI_STEPS), step=1, label="Steps", elem_id="steps",
                                   info="official DDPM: 200; DDIM / DPM-Solver / UniPC / Euler: 20-50")
-                scheduler = gr.Dropdown(SCHEDULER_CHOICES, value="ddpm", label="Scheduler", elem_id="scheduler")
+                scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=DEFAULT_SCHEDULER, label="Scheduler", elem_id="scheduler")
                 with gr.Row():
-                    color_fix = gr.Radio(COLOR_FIX_CHOICES, value="wavelet", label="Colour fix", elem_id="color-fix")
+                    color_fix = gr.Radio(COLOR_FIX_CHOICES, value=DEFAULT_COLOR_FIX, label="Colour fix", elem_id="color-fix")
                     seed = gr.Number(42, precision=0, label="Seed (-1 = random)", elem_id="seed")
                 with gr.Accordion("Tiling", open=False):
                     tile_size = gr.Slider(0, 4 * native_tile, value=0, step=8, elem_id="tile-size",
@@ -532,85 +511,3 @@ def launch_app(demo, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size,
                        prevent_thread_lock=prevent_thread_lock, show_error=True, quiet=quiet, theme=_theme(gr),
                        css=CSS, inbrowser=False)
-
-
-# ------------------------------------------------------------------------------------------------------------- CLI
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _require_gradio():
-    try:
-        import gradio
-    except ImportError:
-        raise UIError(INSTALL_HINT) from None
-    major = int(re.match(r"\d+", gradio.__version__).group()) if re.match(r"\d+", gradio.__version__) else 0
-    if major < 6:
-        raise UIError(f"gradio {gradio.__version__} is too old for the web UI; upgrade: pip install -U "
-                       f"'{GRADIO_REQUIREMENT}' (or pip install -U 'stablesr[ui]')")
-    return gradio
-
-
-def cmd_ui(args) -> int:
-    _require_gradio()  # before anything slow: a missing extra is reported at once
-    import torch
-
-    if args.max_upload_pixels < 1 or args.max_output_pixels < 1:
-        raise UIError("--max-upload-pixels and --max-output-pixels must be positive")
-    if args.concurrency < 1 or args.max_queue < 1:
-        raise UIError("--concurrency and --max-queue must be >= 1")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cpu" and args.dtype == "fp16":
-        print("warning: fp16 on CPU is slow or unsupported; use --dtype bf16 or fp32", file=sys.stderr)
-    if args.share or not _is_loopback(args.host):
-        print("warning: the web UI has no authentication; anyone who can reach it can use this machine's "
-              f"{'GPU' if device.startswith('cuda') else 'compute'}", file=sys.stderr)
-    print(f"loading {args.model} on {device} ({args.dtype}) ...", file=sys.stderr)
-    pipe = load_pipeline(args.model, args.cfw, device, args.dtype)
-    demo = build_app(pipe, max_upload_pixels=args.max_upload_pixels, concurrency_limit=args.concurrency,
-                     max_queue=args.max_queue, max_output_pixels=args.max_output_pixels, default_steps=args.steps)
-    try:
-        _, local_url, share_url = launch_app(demo, host=args.host, port=args.port, share=args.share,
-                                             max_file_size=args.max_file_size, prevent_thread_lock=True, quiet=True)
-    except OSError as err:
-        raise UIError(f"cannot serve on {args.host}:{args.port}: {str(err).rstrip('.')}. Pick a free port with --port") from None
-    print(f"StableSR web UI: {local_url}" + (f" (public link: {share_url})" if share_url else "")
-          + "  - press Ctrl+C to stop", file=sys.stderr)
-    try:
-        demo.block_thread()
-    finally:
-        demo.close()
-    return 0
-
-
-def add_ui_parser(subparsers) -> Any:
-    """Register ``stablesr ui`` on the CLI's sub-command parsers (works without gradio installed)."""
-    u = subparsers.add_parser("ui", help="start the local web UI (needs the [ui] extra: gradio)",
-                              description="Start a local Gradio web app for StableSR. Note: " + INSTALL_HINT + ".")
-    u.add_argument("--model", default=DEFAULT_MODEL,
-                   help="converted folder, official .ckpt, or Hub id (default: the official release)")
-    u.add_argument("--cfw", help="official vqgan_cfw .ckpt when --model is an official .ckpt")
-    u.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    u.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    u.add_argument("--port", type=int, default=7860)
-    u.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    u.add_argument("--max-upload-pixels", type=int, default=DEFAULT_MAX_UPLOAD_PIXELS,
-                   help=f"refuse uploads with more pixels (default {DEFAULT_MAX_UPLOAD_PIXELS:,} = 2048²)")
-    u.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
-                   help=f"refuse jobs whose result has more pixels (default {DEFAULT_MAX_OUTPUT_PIXELS:,} = 4096²)")
-    u.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="largest upload file (default 50mb)")
-    u.add_argument("--concurrency", type=int, default=1,
-                   help="jobs processed at once (default 1; the model itself runs one job at a time)")
-    u.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help=f"jobs allowed to wait; more are refused as 'queue full' (default {DEFAULT_MAX_QUEUE})")
-    u.add_argument("--steps", type=int, default=None, help="initial steps (default: the model's)")
-    u.set_defaults(func=cmd_ui)
-    return u

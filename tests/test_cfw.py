@@ -1,7 +1,8 @@
 """CFW (stage-2 fusion decoder) as an adapter on a stock diffusers AutoencoderKL.
 
 Equivalence tests reproduce the official ``AutoencoderKLResi`` vectors (stablesr-tiny cases c3, c4, c5) from the
-official tiny checkpoint; property tests cover attach/detach, w = 0, round-trip, validation, batching and dtype.
+official tiny checkpoint; property tests cover the public API (``encode_features`` / ``decode``), the private fusion
+context that gradient-checkpointed training keeps open, w = 0, round-trip, validation, batching and dtype.
 """
 
 import copy
@@ -50,7 +51,7 @@ def cfw_block_out_channels(tiny_ref_dir):
 
 @pytest.fixture
 def vae_and_adapter(official):
-    """A fresh copy per test, so attach/dtype changes cannot leak between tests."""
+    """A fresh copy per test, so VAE/dtype changes cannot leak between tests."""
     vae, adapter, _ = official
     return copy.deepcopy(vae), copy.deepcopy(adapter)
 
@@ -69,6 +70,10 @@ def _small(tiny_cases, size=8):
         ry, rx = fea.shape[-2] // z.shape[-2], fea.shape[-1] // z.shape[-1]
         crops.append(fea[..., : h * ry, : w * rx])
     return z[..., :h, :w], crops
+
+
+def _wrappers(vae) -> list[CFWFusionWrapper]:
+    return [module for module in vae.modules() if isinstance(module, CFWFusionWrapper)]
 
 
 def _decoded_shape(tiny_cases, z):
@@ -145,7 +150,7 @@ def test_decode_matches_official_c4(official, tiny_cases, w, key):
     vae, adapter, _ = official
     image = adapter.decode(vae, tiny_cases["c4.z"], _features(tiny_cases), fidelity_weight=w).sample
     assert_close_rel(image, tiny_cases[key], name=key)
-    assert not adapter.is_attached
+    assert not _wrappers(vae)
 
 
 @torch.no_grad()
@@ -155,17 +160,29 @@ def test_stock_decode_matches_official_c5(official, tiny_cases):
 
 
 @torch.no_grad()
-def test_attached_encode_then_decode_matches_official(vae_and_adapter, tiny_cases):
-    """Stateful path: features captured by vae.encode while attached feed the next vae.decode."""
+def test_one_encoder_pass_then_fusion_context_matches_official(vae_and_adapter, tiny_cases):
+    """One encode gives the posterior and the features; the private fusion context (what gradient-checkpointed
+    training keeps open) makes a plain ``vae.decode`` fuse them exactly as ``decode`` does."""
     vae, adapter = vae_and_adapter
-    with adapter.attached(vae):
-        vae.encode(tiny_cases["c3.image"])
-        assert_close_rel(adapter.encoder_features[0], tiny_cases["c3.enc_fea_0"], name="captured enc_fea_0")
-        assert_close_rel(adapter.encoder_features[1], tiny_cases["c3.enc_fea_1"], name="captured enc_fea_1")
-        w, key = _fusing_case()
-        adapter.fidelity_weight = w
+    calls = []
+    handle = vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+    enc = adapter.encode_features(vae, tiny_cases["c3.image"])
+    handle.remove()
+    assert len(calls) == 1
+    assert torch.equal(enc.latent_dist.mean, vae.encode(tiny_cases["c3.image"]).latent_dist.mean)
+    w, key = _fusing_case()
+    with adapter._fusion_context(vae, enc.encoder_features, w):
         image = vae.decode(tiny_cases["c4.z"]).sample
-    assert_close_rel(image, tiny_cases[key], name=f"attached {key}")
+    assert_close_rel(image, tiny_cases[key], name=f"fusion context {key}")
+    assert torch.equal(image, adapter.decode(vae, tiny_cases["c4.z"], enc.encoder_features, w).sample)
+
+
+def test_public_api_is_stateless(vae_and_adapter):
+    """Fusion state is passed per call; no setter, stored features or public attach remain."""
+    _, adapter = vae_and_adapter
+    gone = ("fidelity_weight", "encoder_features", "set_encoder_features", "clear_encoder_features", "attach",
+            "detach", "attached", "is_attached")
+    assert [name for name in gone if hasattr(adapter, name)] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,41 +196,43 @@ def test_w0_is_bit_identical_to_stock_decode(vae_and_adapter, tiny_cases):
     stock = vae.decode(z).sample
     assert torch.equal(adapter.decode(vae, z, features, fidelity_weight=0.0).sample, stock)
     assert torch.equal(adapter.decode(vae, z, None, fidelity_weight=0).sample, stock)
-    with adapter.attached(vae):
-        adapter.set_encoder_features(features)
-        adapter.fidelity_weight = 0.0
+    with adapter._fusion_context(vae, features, 0.0):
         assert torch.equal(vae.decode(z).sample, stock)
-        adapter.fidelity_weight = 1.0
+    with adapter._fusion_context(vae, None, 0.0):
+        assert torch.equal(vae.decode(z).sample, stock)
+    with adapter._fusion_context(vae, features, 1.0):
         assert not torch.equal(vae.decode(z).sample, stock)
 
 
-def test_attach_detach_restores_vae_exactly(vae_and_adapter, tiny_cases):
+def test_fusion_context_restores_vae_exactly(vae_and_adapter, tiny_cases):
     vae, adapter = vae_and_adapter
     before = {key: value.clone() for key, value in vae.state_dict().items()}
     targets = [vae.decoder.up_blocks[2].resnets[-1], vae.decoder.up_blocks[1].resnets[-1]]
+    z, features = _small(tiny_cases)
 
-    adapter.attach(vae)
-    assert isinstance(vae.decoder.up_blocks[2].resnets[-1], CFWFusionWrapper)
-    assert vae.decoder.up_blocks[2].resnets[-1].fusion is adapter.fusion_layer_1
-    assert vae.decoder.up_blocks[1].resnets[-1].fusion is adapter.fusion_layer_2
-    assert len(vae.encoder.down_blocks[1].resnets[-1]._forward_hooks) == 1
-    with pytest.raises(ValueError, match="already attached"):
-        adapter.attach(vae)
-    with torch.no_grad():
-        adapter.decode(vae, *_small(tiny_cases), fidelity_weight=1.0)
-    adapter.detach(vae)
+    with adapter._fusion_context(vae, features, 1.0):
+        assert isinstance(vae.decoder.up_blocks[2].resnets[-1], CFWFusionWrapper)
+        assert vae.decoder.up_blocks[2].resnets[-1].fusion is adapter.fusion_layer_1
+        assert vae.decoder.up_blocks[1].resnets[-1].fusion is adapter.fusion_layer_2
+        with pytest.raises(ValueError, match="already carries"), adapter._fusion_context(vae, features, 0.5):
+            pass
+        assert len(_wrappers(vae)) == 2  # the failed inner context left the outer one alone
+        with pytest.raises(ValueError, match="already carries"), torch.no_grad():
+            adapter.decode(vae, z, features, fidelity_weight=1.0)
 
     assert [vae.decoder.up_blocks[2].resnets[-1], vae.decoder.up_blocks[1].resnets[-1]] == targets
+    with torch.no_grad():
+        adapter.encode_features(vae, torch.zeros(1, 3, 32, 32))
+        adapter.decode(vae, z, features, fidelity_weight=1.0)
+    assert not _wrappers(vae)
     assert not any(module._forward_hooks for module in vae.modules())
     after = vae.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[key], before[key]) for key in before)
-    with pytest.raises(ValueError, match="not attached"):
-        adapter.detach(vae)
 
-    with pytest.raises(RuntimeError), adapter.attached(vae):
+    with pytest.raises(RuntimeError), adapter._fusion_context(vae, features, 1.0):
         raise RuntimeError("boom")
-    assert not adapter.is_attached
+    assert not _wrappers(vae)
     assert list(vae.state_dict()) == list(before)
 
 
@@ -248,19 +267,18 @@ def test_feature_size_mismatch_names_the_level(vae_and_adapter, tiny_cases):
     # A crop of the latent with the matching crop of the features is fine (tiled decode).
     z, features = _small(tiny_cases)
     assert adapter.decode(vae, z, features, fidelity_weight=0.5).sample.shape == _decoded_shape(tiny_cases, z)
-    with adapter.attached(vae):
-        adapter.fidelity_weight = 0.5
-        with pytest.raises(ValueError, match="no encoder feature"):
-            vae.decode(tiny_cases["c4.z"])
+    with pytest.raises(ValueError, match="required"), adapter._fusion_context(vae, None, 0.5):
+        pass
+    assert not _wrappers(vae)
 
 
 @pytest.mark.parametrize("w", [-0.1, 1.5, math.nan, "0.5", True])
 def test_invalid_fidelity_weight_raises(vae_and_adapter, tiny_cases, w):
     vae, adapter = vae_and_adapter
     with pytest.raises(ValueError, match="fidelity_weight"):
-        adapter.fidelity_weight = w
-    with pytest.raises(ValueError, match="fidelity_weight"):
         adapter.decode(vae, tiny_cases["c4.z"], _features(tiny_cases), fidelity_weight=w)
+    with pytest.raises(ValueError, match="fidelity_weight"), adapter._fusion_context(vae, _features(tiny_cases), w):
+        pass
 
 
 def test_config_validation(official, cfw_block_out_channels):
@@ -273,7 +291,10 @@ def test_config_validation(official, cfw_block_out_channels):
         CFWAdapter(block_out_channels=(16, 16), fusion_levels=(1,))
     other = CFWAdapter(block_out_channels=tuple(2 * c for c in cfw_block_out_channels))  # not the VAE's widths
     with pytest.raises(ValueError, match="block_out_channels"):
-        other.attach(vae)
+        other.encode_features(vae, torch.zeros(1, 3, 32, 32))
+    features = [torch.zeros(1, c, 8, 8) for c in (2 * cfw_block_out_channels[1], 2 * cfw_block_out_channels[2])]
+    with pytest.raises(ValueError, match="block_out_channels"):
+        other.decode(vae, torch.zeros(1, 4, 4, 4), features, fidelity_weight=0.5)
     assert CFWAdapter.from_vae(vae).config.block_out_channels == cfw_block_out_channels
 
 
@@ -362,8 +383,10 @@ def test_rejects_unsupported_vae_blocks():
     )
     adapter = CFWAdapter.from_vae(vae, fusion_levels=(1,))
     with pytest.raises(ValueError, match="UpDecoderBlock2D"):
-        adapter.attach(vae)
-    assert not adapter.is_attached
+        adapter.encode_features(vae, torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="UpDecoderBlock2D"):
+        adapter.decode(vae, torch.zeros(1, 4, 8, 8), [torch.zeros(1, 32, 8, 8)], fidelity_weight=0.5)
+    assert not _wrappers(vae)
 
 
 def test_sd_sized_parameter_counts():

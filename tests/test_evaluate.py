@@ -1,6 +1,5 @@
 """``stablesr evaluate`` end to end on a small synthetic folder (no model, no learned metrics)."""
 
-import argparse
 import csv
 import json
 import sys
@@ -10,14 +9,12 @@ import pytest
 from PIL import Image
 
 from stablesr import metrics as M
-from stablesr.evaluate import add_evaluate_parser, evaluate_folders, infer_protocol
+from stablesr.cli import main
+from stablesr.evaluate import evaluate_folders, infer_protocol
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(prog="stablesr")
-    add_evaluate_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evaluate"] + argv)
-    return args.func(args)
+    return main(["evaluate"] + argv)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Fidelity curve (one sampling, many CFW decodes) and cascaded upscaling, on the tiny pipeline and on stubs."""
 
-import argparse
 import csv
 import json
 import math
@@ -11,7 +10,9 @@ import torch
 from PIL import Image
 
 from stablesr.cascade import cascade_upscale, plan_cascade
-from stablesr.fidelity_curve import add_fidelity_curve_parser, fidelity_curve
+from stablesr.cli import main
+from stablesr.fidelity_curve import fidelity_curve
+from stablesr.image_processor import as_rgb_alpha_list
 from stablesr.pipelines.pipeline_stablesr import RestorationCondition, StableSRPipeline, StableSRPipelineOutput
 
 
@@ -54,9 +55,9 @@ def _photo(width, height, seed=0):
 
 def test_fidelity_curve_cli_samples_once(counted_pipe, tmp_path, monkeypatch, capsys):
     """`stablesr fidelity-curve` on one 64x48 image, 2 steps, 2 weights: ONE sampling, two different decodes."""
-    import stablesr.cli
+    import stablesr.cli.common
 
-    monkeypatch.setattr(stablesr.cli, "load_pipeline", lambda *args, **kwargs: counted_pipe)
+    monkeypatch.setattr(stablesr.cli.common, "load_pipeline", lambda *args, **kwargs: counted_pipe)
     lq_dir, gt_dir, out = tmp_path / "lq", tmp_path / "gt", tmp_path / "curve"
     lq_dir.mkdir()
     gt_dir.mkdir()
@@ -64,13 +65,10 @@ def test_fidelity_curve_cli_samples_once(counted_pipe, tmp_path, monkeypatch, ca
     gt.save(gt_dir / "photo.png")
     gt.resize((64, 48), Image.Resampling.BICUBIC).save(lq_dir / "photo.png")
 
-    parser = argparse.ArgumentParser(prog="stablesr")
-    add_fidelity_curve_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["fidelity-curve", str(lq_dir / "photo.png"), "--gt", str(gt_dir), "-o", str(out),
-                              "--model", "unused", "--weights", "0,1", "--steps", "2", "--device", "cpu",
-                              "--save-images", "-q"])
+    argv = ["fidelity-curve", str(lq_dir / "photo.png"), "--gt", str(gt_dir), "-o", str(out), "--model", "unused",
+            "--weights", "0,1", "--steps", "2", "--device", "cpu", "--save-images", "-q"]
     before = dict(counted_pipe.calls)
-    assert args.func(args) == 0
+    assert main(argv) == 0
     assert counted_pipe.calls["denoise"] - before["denoise"] == 1, "sampled once for all weights"
     assert counted_pipe.calls["decode"] - before["decode"] == 2, "one CFW decode per weight"
 
@@ -111,10 +109,12 @@ class StubPipe:
         self.decodes = []
 
     def __call__(self, image, upscale=4.0, output_type="pil", fidelity_weight=0.5, **kwargs):
+        [(image, _)] = as_rgb_alpha_list(image)  # what the pipeline accepts, alpha split off as it does
         self.calls.append(dict(size=image.size, upscale=upscale, output_type=output_type, **kwargs))
         out = (max(1, round(image.height * upscale)), max(1, round(image.width * upscale)))
-        cond = RestorationCondition(torch.zeros(1, 3, 8, 8), out, out)
-        cond.source = image.convert("RGB")
+        # the condition is immutable: it carries the input's pixels (0..255) as its lq_image for the stub decode
+        source = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        cond = RestorationCondition(source, out, out)
         latents = torch.full((1, 4, 2, 2), float(len(self.calls)))
         if output_type == "latent":
             return StableSRPipelineOutput(images=[latents], latents=[latents], conditions=[cond])
@@ -125,7 +125,8 @@ class StubPipe:
                        vae_tile_overlap=64, output_type="pil"):
         self.decodes.append((fidelity_weight, condition.output_size))
         h, w = condition.output_size
-        img = condition.source.resize((w, h), Image.Resampling.BICUBIC)
+        source = Image.fromarray(condition.lq_image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+        img = source.resize((w, h), Image.Resampling.BICUBIC)
         arr = np.asarray(img, dtype=np.float64) * (1 - 0.2 * fidelity_weight)  # w changes the decode
         return Image.fromarray(arr.astype(np.uint8))
 
@@ -199,3 +200,24 @@ def test_cascade_x8_on_tiny_pipeline(counted_pipe):
     assert out.images[0].size == (192, 128)
     assert counted_pipe.calls["denoise"] - before["denoise"] == 2, "two sampling passes"
     assert passes == [(0, 2, 4.0, (96, 64))]
+
+
+def test_fidelity_curve_passes_inputs_to_the_pipeline_as_they_are(tmp_path):
+    """The pipeline splits an alpha channel itself: a PIL input reaches it unchanged, a path as the loaded file."""
+    from stablesr.image_io import LoadedImage
+
+    class RecordingPipe(StubPipe):
+        def __call__(self, image, **kwargs):
+            self.inputs.append(image)
+            return super().__call__(image, **kwargs)
+
+    rgba = _photo(16, 12)
+    rgba.putalpha(200)
+    rgba.save(tmp_path / "a.png")
+    pipe = RecordingPipe()
+    pipe.inputs = []
+    curve = fidelity_curve(pipe, [rgba, tmp_path / "a.png"], weights=[0.5], metrics=["consistency"])
+    assert pipe.inputs[0] is rgba
+    assert isinstance(pipe.inputs[1], LoadedImage) and pipe.inputs[1].alpha is not None
+    assert [r["image"] for r in curve.rows] == ["image0", "a"]
+    assert curve.rows[0]["consistency"] == curve.rows[1]["consistency"], "the same pixels either way"

@@ -64,6 +64,15 @@ def _srgb_icc() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def _same_profile(a: bytes, b: bytes) -> bool:
+    """ICC profiles equal but for the header's creation time (bytes 24-35) and profile ID (84-99): LittleCMS stamps
+    the current time into profiles it creates, so two built in different seconds differ there."""
+    def strip(p: bytes) -> bytes:
+        return p[:24] + p[36:84] + p[100:]
+
+    return a is not None and b is not None and len(a) == len(b) and strip(a) == strip(b)
+
+
 def _cmyk_icc() -> bytes:
     """A minimal hand-made ICC v2 CMYK output profile (lut16 A2B0, CMYK -> Lab on a 2-point grid)."""
     from skimage.color import rgb2lab
@@ -273,7 +282,7 @@ def _case_cmyk_jpeg_icc(tmp):
     im.save(p := tmp / "cmyk_icc.jpg", quality=95, icc_profile=_cmyk_icc())
 
     def check(li):  # colour-managed into sRGB, and the sRGB profile handed on instead of the CMYK one
-        assert li.mode == "CMYK" and li.icc_profile == _srgb_icc()
+        assert li.mode == "CMYK" and _same_profile(li.icc_profile, _srgb_icc())
         white, black, cyan, magenta = (_rgb(li)[8, 16 * i + 8].astype(int) for i in range(4))
         assert white.min() >= 245 and black.max() <= 10
         assert cyan[0] < 110 and cyan[1:].min() > 200 and magenta[1] < 110 and magenta[[0, 2]].min() > 200

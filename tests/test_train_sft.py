@@ -127,6 +127,45 @@ def test_config_file_sets_defaults_and_cli_overrides(small_pipeline_dir, data, t
                               f"--train_data_config={data / 'hq.yaml'}"])
 
 
+def test_synthesize_batch_degrades_hq_and_keeps_pairs():
+    """HQ rows get the degradation's LQ and USM target; paired rows keep their real LQ (bicubic-upsampled) and get a
+    USM-sharpened GT; latents are the VAE posterior with the given per-sample noise (target's first, then LQ's)."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    from stablesr.data import collate_samples
+    from stablesr.degradation import DegradationConfig, RealESRGANDegradation, usm_sharp
+    from stablesr.training_utils import make_generator, per_sample_randn, sample_generators
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4).eval()
+    config = DegradationConfig()
+    config.gt_size = None
+    degradation = RealESRGANDegradation(config)
+    gt = torch.rand(3, 3, 32, 32)
+    lq = torch.rand(3, 8, 8)
+    batch = collate_samples([{"gt": gt[0]}, {"gt": gt[1], "lq": lq}, {"gt": gt[2]}])
+
+    def run():
+        return train_sft.synthesize_batch(batch, degradation, make_generator(1, "degradation"), vae,
+                                          sample_generators(1, "sample", positions=range(3)), "cpu")
+
+    out = run()
+    assert out.target.shape == out.lq_upsampled.shape == (3, 3, 32, 32) and out.z_gt.shape == (3, 4, 16, 16)
+    assert 0 <= out.lq_upsampled.min() and out.lq_upsampled.max() <= 1
+    usm = usm_sharp(gt[1:2], config.usm_radius, config.usm_weight, config.usm_threshold)
+    assert torch.equal(out.target[1:2], usm)
+    assert torch.equal(out.lq_upsampled[1], F.interpolate(lq[None], size=(32, 32), mode="bicubic").clamp(0, 1)[0])
+    _, gt_usm = degradation(gt[[0, 2]], make_generator(1, "degradation"))
+    assert torch.equal(out.target[[0, 2]], gt_usm)
+    gens = sample_generators(1, "sample", positions=range(3))
+    z_gt = train_sft.vae_encode(vae, out.target, per_sample_randn(gens, (4, 16, 16)))
+    assert torch.equal(out.z_gt, z_gt)
+    again = run()
+    assert all(torch.equal(getattr(out, k), getattr(again, k)) for k in ("target", "lq_upsampled", "z_gt", "z_lq"))
+
+
 def test_train_smoke_checkpoints_and_restore(small_pipeline_dir, data, tmp_path, one_thread):
     from stablesr import StableSRPipeline
 

@@ -29,6 +29,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from stablesr import webui  # noqa: E402  (gradio is imported lazily, so this works without it)
 from stablesr.cli import CLIError  # noqa: E402
+from stablesr.cli import ui as cli_ui  # noqa: E402
+from stablesr.image_processor import working_canvas  # noqa: E402
 
 CHROMIUM = os.environ.get("STABLESR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -94,7 +96,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ui_pipe(small_pipeline_dir):
-    from stablesr.cli import load_pipeline
+    from stablesr.loading import load_pipeline
 
     return load_pipeline(str(small_pipeline_dir), device="cpu")
 
@@ -111,8 +113,11 @@ def test_limits_name_the_limit_and_the_fix():
         webui.check_upload_size(300, 200, 40_000)
     webui.check_upload_size(200, 200, 40_000)
 
-    class Pipe:
+    class Pipe:  # the web UI takes the canvas arithmetic from the pipeline
         native_size = 128
+
+        def working_canvas(self, height, width, upscale):
+            return working_canvas((height, width), upscale, self.native_size, 64)
 
     with pytest.raises(ValueError, match=r"×4 gives 400×400.*Lower the upscale to ×3.16 or less.*--max-output-pixels 160000"):
         webui.check_output_size(Pipe(), 100, 100, 4, 100_000)
@@ -123,17 +128,17 @@ def test_limits_name_the_limit_and_the_fix():
 
 def test_ui_parser_and_missing_gradio_hint(monkeypatch, capsys):
     parser = argparse.ArgumentParser(prog="stablesr")
-    webui.add_ui_parser(parser.add_subparsers(dest="command"))
+    cli_ui.add_ui_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["ui"])
     assert (args.host, args.port, args.share, args.concurrency) == ("127.0.0.1", 7860, False, 1)
-    assert args.max_upload_pixels == webui.DEFAULT_MAX_UPLOAD_PIXELS and args.func is webui.cmd_ui
+    assert args.max_upload_pixels == webui.DEFAULT_MAX_UPLOAD_PIXELS and args.func is cli_ui.cmd_ui
     args = parser.parse_args(["ui", "--model", "m", "--port", "8000", "--share", "--max-upload-pixels", "1000",
                               "--concurrency", "2", "--device", "cpu", "--dtype", "bf16"])
     assert (args.model, args.port, args.share, args.max_upload_pixels, args.concurrency) == ("m", 8000, True, 1000, 2)
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
     with pytest.raises(CLIError, match=r"pip install 'stablesr\[ui\]'"):
-        webui.cmd_ui(args)  # before loading any model
+        cli_ui.cmd_ui(args)  # before loading any model
     with pytest.raises(ImportError, match=r"stablesr\[ui\]"):
         webui.build_app(object())
 

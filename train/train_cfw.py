@@ -25,6 +25,7 @@ boundaries); the reconstruction loss is a plain mean for any batch size (officia
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -195,8 +196,9 @@ class CFWGenerator(nn.Module):
     latents with the fusion active: the official ``AutoencoderKLResi.forward(input, latent)``.
 
     With ``gradient_checkpointing`` the decoder's mid and up blocks keep no activations and are re-run in the
-    backward pass. The re-run reads the fusion's state (weight and encoder features), so the adapter stays attached
-    and the state stays set until the next forward instead of being scoped to one ``CFWAdapter.decode`` call.
+    backward pass, after ``forward`` has returned. The re-run must fuse the same features, so instead of
+    [`CFWAdapter.decode`] (whose fusion ends with the call) the generator keeps the adapter's private fusion context
+    open from one forward to the next (and until [`~CFWGenerator.close_fusion`]).
     """
 
     def __init__(
@@ -208,9 +210,9 @@ class CFWGenerator(nn.Module):
         self.cfw_adapter = cfw_adapter
         self.fidelity_weight = fidelity_weight
         self.gradient_checkpointing = gradient_checkpointing
+        self._open_fusion = contextlib.ExitStack()
         if gradient_checkpointing:
             vae.enable_gradient_checkpointing()
-            cfw_adapter.attach(vae)
 
     def forward(self, latents: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) scaled latents + (B, 3, 8h, 8w) LQ in [-1, 1] -> (B, 3, 8h, 8w) image (unclamped)."""
@@ -220,9 +222,13 @@ class CFWGenerator(nn.Module):
         raw = latents.to(vae.dtype) / vae.config.scaling_factor
         if not self.gradient_checkpointing:
             return self.cfw_adapter.decode(vae, raw, features, self.fidelity_weight).sample
-        self.cfw_adapter.fidelity_weight = self.fidelity_weight
-        self.cfw_adapter.set_encoder_features(features)
+        self.close_fusion()  # the previous step's backward has run
+        self._open_fusion.enter_context(self.cfw_adapter._fusion_context(vae, features, self.fidelity_weight))
         return vae.decode(raw).sample
+
+    def close_fusion(self) -> None:
+        """Takes the fusion wrappers out of the VAE again (gradient checkpointing keeps them in after a forward)."""
+        self._open_fusion.close()
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):
@@ -465,6 +471,7 @@ def main(args: argparse.Namespace) -> dict:
     # 9. Save the final pipeline: the pretrained folder with the trained CFW adapter
     accelerator.wait_for_everyone()
     trained_generator = accelerator.unwrap_model(generator_model)
+    trained_generator.close_fusion()
     if accelerator.is_main_process:
         save_pipeline(pipeline_dir, output_dir, trained_generator.cfw_adapter)
         logger.info(f"saved the StableSR pipeline with the trained CFW adapter to {output_dir}")

@@ -32,7 +32,9 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,23 +194,41 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_components(args, with_trainable: bool = True) -> dict:
+@dataclass
+class Components:
+    """The float32 parts of the starting point (see [`load_components`]).
+
+    ``time_aware_encoder`` and ``sft_adapter`` are `None` only when loaded with ``with_trainable=False`` from a stock
+    SD folder; ``cfw_adapter`` is `None` for a stock SD folder.
+    """
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    time_aware_encoder: TimeAwareEncoder | None
+    sft_adapter: SFTAdapter | None
+    scheduler: StableSRDDPMScheduler
+    prompt_embedding: PromptEmbedding
+    cfw_adapter: Any | None
+    default_num_inference_steps: int
+
+
+def load_components(args, with_trainable: bool = True) -> Components:
     """The float32 parts of the starting point: vae, unet, encoder, sft_adapter, scheduler, prompt_embedding, cfw.
 
     ``with_trainable=False`` skips building fresh encoder/SFT layers (``--from_scratch``), for the final save."""
     path = args.pretrained_model_name_or_path
     if not args.from_scratch:
         pipe = StableSRPipeline.from_pretrained(path, text_encoder=None, tokenizer=None)
-        return {
-            "vae": pipe.vae,
-            "unet": pipe.unet,
-            "time_aware_encoder": pipe.time_aware_encoder,
-            "sft_adapter": pipe.sft_adapter,
-            "scheduler": pipe.scheduler,
-            "prompt_embedding": pipe.prompt_embedding,
-            "cfw_adapter": pipe.cfw_adapter,
-            "default_num_inference_steps": pipe.config.default_num_inference_steps,
-        }
+        return Components(
+            vae=pipe.vae,
+            unet=pipe.unet,
+            time_aware_encoder=pipe.time_aware_encoder,
+            sft_adapter=pipe.sft_adapter,
+            scheduler=pipe.scheduler,
+            prompt_embedding=pipe.prompt_embedding,
+            cfw_adapter=pipe.cfw_adapter,
+            default_num_inference_steps=pipe.config.default_num_inference_steps,
+        )
     from transformers import CLIPTextModel
 
     from stablesr.conversion import empty_prompt_embedding
@@ -231,16 +251,16 @@ def load_components(args, with_trainable: bool = True) -> dict:
         encoder = TimeAwareEncoder()  # official EncoderUNetModelWT configuration, PyTorch default init
     if encoder is not None:
         sft_adapter = SFTAdapter.from_unet(unet, cond_channels=encoder.config.out_channels)
-    return {
-        "vae": vae,
-        "unet": unet,
-        "time_aware_encoder": encoder,
-        "sft_adapter": sft_adapter,
-        "scheduler": scheduler,
-        "prompt_embedding": prompt_embedding,
-        "cfw_adapter": None,
-        "default_num_inference_steps": 200,
-    }
+    return Components(
+        vae=vae,
+        unet=unet,
+        time_aware_encoder=encoder,
+        sft_adapter=sft_adapter,
+        scheduler=scheduler,
+        prompt_embedding=prompt_embedding,
+        cfw_adapter=None,
+        default_num_inference_steps=200,
+    )
 
 
 def vae_encode(vae: AutoencoderKL, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -256,6 +276,70 @@ def vae_encode(vae: AutoencoderKL, images: torch.Tensor, noise: torch.Tensor) ->
 def latent_shape(vae: AutoencoderKL, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return batch, vae.config.latent_channels, height // factor, width // factor
+
+
+@dataclass
+class SynthesizedBatch:
+    """What [`synthesize_batch`] makes of a training batch; all on the training device, batch size B.
+
+    Attributes:
+        target (`torch.Tensor`): (B, 3, H, W) in [0, 1], the image the model learns: the GT crop, USM-sharpened when
+            the degradation config says so (official ``gt_usm``).
+        lq_upsampled (`torch.Tensor`): (B, 3, H, W) in [0, 1], the LQ (synthesised, or the real one of a pair)
+            bicubic-upsampled to the GT size; the target itself for a sample the degradation left clean.
+        z_gt (`torch.Tensor`): (B, C, H/f, W/f) scaled latent of ``target``.
+        z_lq (`torch.Tensor`): (B, C, H/f, W/f) scaled latent of ``lq_upsampled``.
+    """
+
+    target: torch.Tensor
+    lq_upsampled: torch.Tensor
+    z_gt: torch.Tensor
+    z_lq: torch.Tensor
+
+
+@torch.no_grad()
+def synthesize_batch(
+    batch: dict[str, torch.Tensor],
+    degradation: RealESRGANDegradation,
+    generator: torch.Generator,
+    vae: AutoencoderKL,
+    generators: list[torch.Generator],
+    device: torch.device | str,
+) -> SynthesizedBatch:
+    """The model inputs of one batch of [`~stablesr.data.collate_samples`] (official ``get_input``).
+
+    HQ-only samples are degraded on the fly (one ``degradation`` call, drawing from ``generator``); paired samples
+    keep their real LQ, and their GT is USM-sharpened like the degradation's target when its config uses USM. Both
+    LQs are bicubic-upsampled to the GT size and clamped, then both images are VAE-encoded with posterior noise drawn
+    from ``generators`` (one per sample: first the target's noise, then the LQ's; the caller draws the
+    timesteps and diffusion noise from them next).
+    """
+    config = degradation.config
+    gt = batch["gt"].to(device, torch.float32)
+    has_lq = batch["has_lq"].to(device)
+    b, _, height, width = gt.shape
+    target = torch.empty_like(gt)
+    lq_up = torch.empty_like(gt)
+    synth = ~has_lq
+    if synth.any():
+        lq, gt_usm, replaced = degradation(gt[synth], generator, return_replaced=True)
+        up = F.interpolate(lq.to(gt.dtype), size=(height, width), mode="bicubic", align_corners=False)
+        # Official: a no-degradation (or NaN) sample is conditioned on the target itself, not a re-upsampled
+        # downscale of it.
+        target[synth] = gt_usm.to(gt.dtype)
+        lq_up[synth] = torch.where(replaced.to(device).view(-1, 1, 1, 1), target[synth], up)
+    if has_lq.any():
+        real_gt = gt[has_lq]
+        if config.use_usm:  # Real-ESRGAN's paired branch sharpens the GT the same way
+            real_gt = usm_sharp(real_gt, config.usm_radius, config.usm_weight, config.usm_threshold)
+        target[has_lq] = real_gt.to(gt.dtype)
+        lq_up[has_lq] = F.interpolate(batch["lq"].to(device, torch.float32)[has_lq], size=(height, width),
+                                      mode="bicubic", align_corners=False)
+    lq_up = lq_up.clamp(0, 1)
+    shape = latent_shape(vae, b, height, width)[1:]
+    z_gt = vae_encode(vae, target, per_sample_randn(generators, shape, device))
+    z_lq = vae_encode(vae, lq_up, per_sample_randn(generators, shape, device))
+    return SynthesizedBatch(target=target, lq_upsampled=lq_up, z_gt=z_gt, z_lq=z_lq)
 
 
 def save_lora(unet, output_dir: str | os.PathLike) -> None:
@@ -282,11 +366,12 @@ def load_lora(unet, input_dir: str | os.PathLike) -> None:
 
 
 @torch.no_grad()
-def log_validation(args, accelerator, parts, unet, encoder, ema, trainable, global_step, weight_dtype):
+def log_validation(args, accelerator, parts: Components, upscale: float, unet, encoder, ema, trainable, global_step,
+                   weight_dtype):
     """Restore the validation images with a StableSRPipeline built from the current (EMA) weights; log + save PNGs."""
     logger.info(f"running validation on {len(args.validation_images)} image(s)")
     unet_u, encoder_u = accelerator.unwrap_model(unet), accelerator.unwrap_model(encoder)
-    sft_adapter = parts["sft_adapter"]
+    sft_adapter = parts.sft_adapter
     if ema is not None:
         ema.store(trainable)
         ema.copy_to(trainable)
@@ -296,16 +381,15 @@ def log_validation(args, accelerator, parts, unet, encoder, ema, trainable, glob
     images = []
     try:
         pipe = StableSRPipeline(
-            vae=parts["vae"],
+            vae=parts.vae,
             unet=unet_u,
             time_aware_encoder=encoder_u,
             sft_adapter=sft_adapter,
-            scheduler=copy.deepcopy(parts["scheduler"]),
-            cfw_adapter=parts["cfw_adapter"],
-            prompt_embedding=parts["prompt_embedding"],
+            scheduler=copy.deepcopy(parts.scheduler),
+            cfw_adapter=parts.cfw_adapter,
+            prompt_embedding=parts.prompt_embedding,
         )
         pipe.set_progress_bar_config(disable=True)
-        upscale = args.validation_upscale or parts["scale"]
         for path in args.validation_images:
             lq = load_image(path).rgb
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -367,8 +451,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. Models ----------------------------------------------------------------------------------------------------
     parts = load_components(args)
-    vae, unet, encoder, sft_adapter = parts["vae"], parts["unet"], parts["time_aware_encoder"], parts["sft_adapter"]
-    noise_scheduler = StableSRDDPMScheduler.from_config(parts["scheduler"].config)  # official q_sample/get_v tables
+    vae, unet, encoder, sft_adapter = parts.vae, parts.unet, parts.time_aware_encoder, parts.sft_adapter
+    noise_scheduler = StableSRDDPMScheduler.from_config(parts.scheduler.config)  # official q_sample/get_v tables
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
@@ -380,7 +464,7 @@ def main(args: argparse.Namespace) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     unet.requires_grad_(False)
     vae.requires_grad_(False)
-    parts["prompt_embedding"].requires_grad_(False)
+    parts.prompt_embedding.requires_grad_(False)
     encoder.requires_grad_(True)
     sft_adapter.requires_grad_(True)
     unet.to(accelerator.device, dtype=weight_dtype)
@@ -401,11 +485,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         encoder.enable_gradient_checkpointing()
-    if parts["cfw_adapter"] is not None:
-        parts["cfw_adapter"].requires_grad_(False).to(accelerator.device)
+    if parts.cfw_adapter is not None:
+        parts.cfw_adapter.requires_grad_(False).to(accelerator.device)
         if weight_dtype != torch.float32:
-            parts["cfw_adapter"].to(dtype=weight_dtype)
-    parts["prompt_embedding"].to(accelerator.device)
+            parts.cfw_adapter.to(dtype=weight_dtype)
+    parts.prompt_embedding.to(accelerator.device)
     num_params = sum(p.numel() for p in trainable)
     logger.info(f"trainable parameters: {num_params / 1e6:.2f}M (encoder + SFT{' + LoRA' if args.lora_rank else ''})")
 
@@ -453,7 +537,7 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the degradation scale "
                          f"{degradation_config.scale}")
     degradation = RealESRGANDegradation(degradation_config)
-    parts["scale"] = degradation_config.scale
+    validation_upscale = args.validation_upscale or degradation_config.scale
     dataset = build_dataset(load_yaml(args.train_data_config), gt_size=args.resolution, seed=args.seed)
     streaming = isinstance(dataset, IterableDataset)
     if streaming:
@@ -536,46 +620,26 @@ def main(args: argparse.Namespace) -> dict:
     # 10. Training loop ------------------------------------------------------------------------------------------------
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    prompt_embeds = parts["prompt_embedding"]().to(device, dtype=weight_dtype)
+    prompt_embeds = parts.prompt_embedding().to(device, dtype=weight_dtype)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     losses: list[float] = []
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
 
     def compute_loss(batch, epoch: int, batch_index: int) -> torch.Tensor:
-        gt = batch["gt"].to(device, torch.float32)
-        has_lq = batch["has_lq"].to(device)
-        b, _, height, width = gt.shape
+        b = batch["gt"].shape[0]
         # Per-sample draws (VAE posterior noise, timestep, diffusion noise) keyed by the sample's position in the
         # epoch's global stream (accelerate deals whole batches round-robin to the processes): independent of the
         # process count and accumulation split, and re-derived after a resume. The degradation draws per batch.
         positions = [(batch_index * world + rank) * b + i for i in range(b)]
         gens = sample_generators(args.seed, "sample", epoch, positions=positions)
         with torch.no_grad():
-            target_img = torch.empty_like(gt)
-            lq_up = torch.empty_like(gt)
-            synth = ~has_lq
-            if synth.any():
-                lq, gt_usm, replaced = degradation(
-                    gt[synth], make_generator(args.seed, "degradation", epoch, batch_index, rank), return_replaced=True
-                )
-                up = F.interpolate(lq.to(gt.dtype), size=(height, width), mode="bicubic", align_corners=False)
-                # Official: a no-degradation (or NaN) sample is conditioned on the target itself, not a re-upsampled
-                # downscale of it.
-                target_img[synth] = gt_usm.to(gt.dtype)
-                lq_up[synth] = torch.where(replaced.to(device).view(-1, 1, 1, 1), target_img[synth], up)
-            if has_lq.any():
-                real_gt = gt[has_lq]
-                if degradation_config.use_usm:  # Real-ESRGAN's paired branch sharpens the GT the same way
-                    real_gt = usm_sharp(real_gt, degradation_config.usm_radius, degradation_config.usm_weight,
-                                        degradation_config.usm_threshold)
-                target_img[has_lq] = real_gt.to(gt.dtype)
-                lq_up[has_lq] = F.interpolate(batch["lq"].to(device, torch.float32)[has_lq], size=(height, width),
-                                              mode="bicubic", align_corners=False)
-            lq_up = lq_up.clamp(0, 1)
-            shape = latent_shape(vae, b, height, width)[1:]
-            z_gt = vae_encode(vae, target_img, per_sample_randn(gens, shape, device))
-            z_lq = vae_encode(vae, lq_up, per_sample_randn(gens, shape, device))
+            inputs = synthesize_batch(
+                batch, degradation, make_generator(args.seed, "degradation", epoch, batch_index, rank), vae, gens,
+                device,
+            )
+            z_gt, z_lq = inputs.z_gt, inputs.z_lq
+            shape = z_gt.shape[1:]
             timesteps = per_sample_randint(gens, 0, num_timesteps, device)
             noise = per_sample_randn(gens, shape, device)
             noisy = noise_scheduler.add_noise(z_gt, noise, timesteps)
@@ -630,7 +694,8 @@ def main(args: argparse.Namespace) -> dict:
                     save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 if (args.validation_images and args.validation_steps
                         and global_step % args.validation_steps == 0 and accelerator.is_main_process):
-                    log_validation(args, accelerator, parts, unet, encoder, ema, trainable, global_step, weight_dtype)
+                    log_validation(args, accelerator, parts, validation_upscale, unet, encoder, ema, trainable,
+                                   global_step, weight_dtype)
                 if global_step >= args.max_train_steps:
                     done = True
                     break
@@ -649,14 +714,14 @@ def main(args: argparse.Namespace) -> dict:
             save_lora(unet_u, output_dir)
         base = load_components(args, with_trainable=False)
         pipeline = StableSRPipeline(
-            vae=base["vae"],
-            unet=base["unet"],
+            vae=base.vae,
+            unet=base.unet,
             time_aware_encoder=copy.deepcopy(encoder_u).to("cpu"),  # float32 throughout training
             sft_adapter=copy.deepcopy(sft_adapter).to("cpu"),
-            scheduler=base["scheduler"],
-            cfw_adapter=base["cfw_adapter"],
-            prompt_embedding=base["prompt_embedding"],
-            default_num_inference_steps=base["default_num_inference_steps"],
+            scheduler=base.scheduler,
+            cfw_adapter=base.cfw_adapter,
+            prompt_embedding=base.prompt_embedding,
+            default_num_inference_steps=base.default_num_inference_steps,
         )
         pipeline.save_pretrained(output_dir, safe_serialization=True)
         with open(output_dir / "training_args.json", "w", encoding="utf-8") as f:

@@ -165,49 +165,48 @@ class CFWFusionBlock(nn.Module):
         return dec_feat + w * self.residual(enc_feat, dec_feat)
 
 
-class _CFWState:
-    """Per-decode state shared by a [`CFWAdapter`] and its wrappers; a plain object, so never in a state_dict."""
-
-    def __init__(self):
-        self.fidelity_weight: float = 1.0
-        self.encoder_features: dict[int, torch.Tensor] = {}
-
-
 class CFWFusionWrapper(nn.Module):
     """Wraps the last resnet of one VAE decoder level and adds the CFW correction to its output (peft-style).
 
-    The fusion sits after the level's resnets and before its upsampler, where ``Decoder_Mix.forward`` applies
-    ``fusion_layer_{level}``. With ``fidelity_weight == 0`` the wrapper returns the resnet output untouched, so the
-    decode is exactly the stock one. The fusion runs in the fusion block's dtype and device; the result is cast back.
+    Only exists inside [`CFWAdapter._fusion_context`]: the fusion sits after the level's resnets and before its
+    upsampler, where ``Decoder_Mix.forward`` applies ``fusion_layer_{level}``. The wrapper is bound to one encoder
+    feature and one weight for its whole life; with ``fidelity_weight == 0`` it returns the resnet output untouched.
+    The fusion runs in the fusion block's dtype and device; the result is cast back.
 
     Args:
         base_layer (`nn.Module`): The wrapped ``ResnetBlock2D`` (``vae.decoder.up_blocks[L - 1 - level].resnets[-1]``).
-        fusion (`CFWFusionBlock`): The fusion block of this level (shared with the adapter).
-        level (`int`): LDM level index, used to look up the encoder feature and in error messages.
-        state (`_CFWState`): The adapter's shared state (fidelity weight and encoder features).
+        fusion (`CFWFusionBlock`): The fusion block of this level (owned by the adapter).
+        level (`int`): LDM level index, used in error messages.
+        encoder_feature (`torch.Tensor` or `None`): The encoder feature of this level, (B, C, h, w) matching the
+            decoder feature; `None` only with ``fidelity_weight == 0``.
+        fidelity_weight (`float`): ``w`` in [0, 1].
     """
 
-    def __init__(self, base_layer: nn.Module, fusion: CFWFusionBlock, level: int, state: _CFWState):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        fusion: CFWFusionBlock,
+        level: int,
+        encoder_feature: torch.Tensor | None,
+        fidelity_weight: float,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.fusion = fusion
         self.level = level
-        self._state = state
+        self.fidelity_weight = fidelity_weight
+        # A plain attribute, not a buffer: the feature belongs to one decode and never enters a state_dict.
+        self.encoder_feature = encoder_feature
 
     def extra_repr(self) -> str:
-        return f"level={self.level}"
+        return f"level={self.level}, fidelity_weight={self.fidelity_weight}"
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         hidden_states = self.base_layer(hidden_states, *args, **kwargs)
-        w = self._state.fidelity_weight
+        w = self.fidelity_weight
         if w == 0:
             return hidden_states
-        enc_feat = self._state.encoder_features.get(self.level)
-        if enc_feat is None:
-            raise ValueError(
-                f"CFW fusion level {self.level}: no encoder feature set while fidelity_weight={w}. Call "
-                "`CFWAdapter.set_encoder_features(...)`, run `vae.encode` while attached, or use `CFWAdapter.decode`."
-            )
+        enc_feat = self.encoder_feature
         if enc_feat.shape != hidden_states.shape:
             raise ValueError(
                 f"CFW fusion level {self.level}: encoder feature has shape {tuple(enc_feat.shape)} but the decoder "
@@ -239,15 +238,6 @@ class CFWEncoderOutput(BaseOutput):
     encoder_features: list[torch.Tensor]
 
 
-class _Attachment:
-    """Bookkeeping of one attach: the VAE, the wrappers we installed and the capture hooks we registered."""
-
-    def __init__(self, vae: AutoencoderKL):
-        self.vae = vae
-        self.wrappers: dict[int, CFWFusionWrapper] = {}
-        self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
-
-
 class CFWAdapter(ModelMixin, ConfigMixin):
     r"""
     The CFW fusion blocks of StableSR, as an adapter that plugs into a stock diffusers [`AutoencoderKL`].
@@ -256,16 +246,14 @@ class CFWAdapter(ModelMixin, ConfigMixin):
     (``Decoder_Mix``) owns ``fusion_layer_1`` and ``fusion_layer_2``. Here those modules have the same names and
     parameter names, so ``state_dict()`` keys equal the official ``decoder.fusion_layer_*`` keys minus ``decoder.``.
 
-    Typical use:
+    The whole API is two calls; the VAE is only modified for the duration of [`~CFWAdapter.decode`]:
 
     ```py
     adapter = CFWAdapter.from_pretrained(path)
-    enc = adapter.encode_features(vae, lq_image)  # lq_image: (B, 3, H, W) in [-1, 1]
+    enc = adapter.encode_features(vae, lq_image)  # lq_image: (B, 3, H, W) in [-1, 1]; one encoder pass
     ...  # diffusion on enc.latent_dist.sample() * vae.config.scaling_factor
     image = adapter.decode(vae, latents / vae.config.scaling_factor, enc.encoder_features, fidelity_weight=0.5).sample
     ```
-
-    Or stateful: ``with adapter.attached(vae): vae.encode(lq); adapter.fidelity_weight = 0.5; vae.decode(z)``.
 
     Args:
         block_out_channels (`tuple[int, ...]`):
@@ -310,16 +298,11 @@ class CFWAdapter(ModelMixin, ConfigMixin):
             self.add_module(
                 f"fusion_layer_{level}", CFWFusionBlock(block_out_channels[level], num_rrdb, growth_channels)
             )
-        self._state = _CFWState()
-        self._attachment: _Attachment | None = None
 
     @classmethod
     def from_vae(cls, vae: AutoencoderKL, fusion_levels: tuple[int, ...] = (1, 2), **kwargs) -> "CFWAdapter":
         """Builds a randomly initialised adapter whose widths match `vae` (``vae.config.block_out_channels``)."""
         return cls(block_out_channels=tuple(vae.config.block_out_channels), fusion_levels=fusion_levels, **kwargs)
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # State for a decode
 
     @property
     def fusion_levels(self) -> tuple[int, ...]:
@@ -332,52 +315,13 @@ class CFWAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"no fusion block at level {level}; fusion levels are {self._levels}")
         return getattr(self, f"fusion_layer_{level}")
 
-    @property
-    def fidelity_weight(self) -> float:
-        """CFW weight ``w`` in [0, 1]: 0 = stock decoder (realism), 1 = full fusion (fidelity).
-
-        Starts at 1.0 (the official training ``fusion_w``); the official inference scripts use ``--dec_w 0.5``.
-        """
-        return self._state.fidelity_weight
-
-    @fidelity_weight.setter
-    def fidelity_weight(self, value: float) -> None:
-        self._state.fidelity_weight = _check_fidelity_weight(value)
-
-    @property
-    def encoder_features(self) -> list[torch.Tensor] | None:
-        """The encoder features the next fused decode uses (set or captured), ascending by level, or `None`."""
-        if not all(level in self._state.encoder_features for level in self._levels):
-            return None
-        return [self._state.encoder_features[level] for level in self._levels]
-
-    def set_encoder_features(self, encoder_features: Sequence[torch.Tensor] | None) -> None:
-        """
-        Sets the encoder features used by the fused decode (replacing any captured ones).
-
-        Args:
-            encoder_features (`Sequence[torch.Tensor]` or `None`):
-                One tensor per fusion level ascending by level (as `fusion_levels`), level ``i`` of shape
-                (B, block_out_channels[i], h_i, w_i) matching the decoder feature of that level (for a tile: the
-                matching crop). `None` clears them.
-        """
-        if encoder_features is None:
-            self._state.encoder_features = {}
-            return
-        self._state.encoder_features = self._validate_features(encoder_features)
-
-    def clear_encoder_features(self) -> None:
-        """Drops the stored encoder features (they can be large)."""
-        self._state.encoder_features = {}
-
-    def _validate_features(self, encoder_features: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _validate_features(self, encoder_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(encoder_features, torch.Tensor) or len(encoder_features) != len(self._levels):
             got = "a single tensor" if isinstance(encoder_features, torch.Tensor) else f"{len(encoder_features)}"
             raise ValueError(
                 f"expected a list of {len(self._levels)} encoder features (one per fusion level {self._levels}), "
                 f"got {got}"
             )
-        features = {}
         for level, feature in zip(self._levels, encoder_features, strict=True):
             channels = self.config.block_out_channels[level]
             if feature.ndim != 4 or feature.shape[1] != channels:
@@ -385,11 +329,7 @@ class CFWAdapter(ModelMixin, ConfigMixin):
                     f"CFW fusion level {level}: expected an encoder feature of shape (B, {channels}, h, w), got "
                     f"{tuple(feature.shape)}"
                 )
-            features[level] = feature
-        return features
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Attach / detach
+        return list(encoder_features)
 
     def _check_vae(self, vae: AutoencoderKL) -> None:
         vae_channels = tuple(vae.config.block_out_channels)
@@ -410,90 +350,6 @@ class CFWAdapter(ModelMixin, ConfigMixin):
                     f"{type(down_block).__name__} / {type(up_block).__name__}"
                 )
 
-    @property
-    def is_attached(self) -> bool:
-        return self._attachment is not None
-
-    def attach(self, vae: AutoencoderKL) -> None:
-        """
-        Installs the fusion into `vae`: capture hooks on the encoder and wrappers around the decoder resnets.
-
-        While attached, every ``vae.encoder`` call (e.g. ``vae.encode``) stores its features of the fused levels (only
-        the last call's, so not with ``enable_slicing()`` / ``enable_tiling()``), and ``vae.decode`` fuses them with
-        `fidelity_weight`. The fusion blocks become submodules of the VAE (they follow ``vae.to(...)``), so
-        ``vae.state_dict()`` changes until [`~CFWAdapter.detach`]; never save the VAE while attached.
-
-        Args:
-            vae (`AutoencoderKL`): A VAE whose ``block_out_channels`` equal the adapter's.
-        """
-        if self._attachment is not None:
-            same = self._attachment.vae is vae
-            raise ValueError(
-                "this CFWAdapter is already attached to " + ("this VAE" if same else "another VAE") + "; detach first"
-            )
-        self._check_vae(vae)
-        num_levels = len(self.config.block_out_channels)
-        for level in self._levels:
-            if isinstance(vae.decoder.up_blocks[num_levels - 1 - level].resnets[-1], CFWFusionWrapper):
-                raise ValueError(f"CFW fusion level {level}: the VAE decoder already carries a CFW wrapper")
-        attachment = _Attachment(vae)
-        try:
-            for level in self._levels:
-                # Read-only capture: output of the level's last resnet, before its downsampler
-                # (official Encoder.forward(return_fea=True) appends h after the level's blocks).
-                capture_target = vae.encoder.down_blocks[level].resnets[-1]
-                attachment.hook_handles.append(
-                    capture_target.register_forward_hook(self._capture_into_state(level, self._state))
-                )
-                up_block = vae.decoder.up_blocks[num_levels - 1 - level]
-                wrapper = CFWFusionWrapper(up_block.resnets[-1], self.fusion_layer(level), level, self._state)
-                up_block.resnets[-1] = wrapper
-                attachment.wrappers[level] = wrapper
-        except Exception:
-            self._restore(attachment)
-            raise
-        self._attachment = attachment
-
-    def detach(self, vae: AutoencoderKL) -> None:
-        """Removes the hooks and wrappers installed by [`~CFWAdapter.attach`]; `vae` is then exactly as before."""
-        if self._attachment is None or self._attachment.vae is not vae:
-            raise ValueError("this CFWAdapter is not attached to the given VAE")
-        self._restore(self._attachment)
-        self._attachment = None
-
-    def _restore(self, attachment: _Attachment) -> None:
-        for handle in attachment.hook_handles:
-            handle.remove()
-        num_levels = len(self.config.block_out_channels)
-        for level, wrapper in attachment.wrappers.items():
-            up_block = attachment.vae.decoder.up_blocks[num_levels - 1 - level]
-            if up_block.resnets[-1] is wrapper:
-                up_block.resnets[-1] = wrapper.base_layer
-
-    @contextmanager
-    def attached(self, vae: AutoencoderKL) -> Iterator["CFWAdapter"]:
-        """Context manager: [`~CFWAdapter.attach`] on enter, [`~CFWAdapter.detach`] on exit (also on error)."""
-        self.attach(vae)
-        try:
-            yield self
-        finally:
-            self.detach(vae)
-
-    @contextmanager
-    def _attached_if_needed(self, vae: AutoencoderKL) -> Iterator[None]:
-        if self._attachment is not None and self._attachment.vae is vae:
-            yield
-        else:
-            with self.attached(vae):
-                yield
-
-    @staticmethod
-    def _capture_into_state(level: int, state: _CFWState):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            state.encoder_features[level] = output
-
-        return hook
-
     @staticmethod
     def _capture_into_list(store: list[torch.Tensor]):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
@@ -502,7 +358,7 @@ class CFWAdapter(ModelMixin, ConfigMixin):
         return hook
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Explicit API
+    # Public API
 
     def encode_features(
         self, vae: AutoencoderKL, image: torch.Tensor, return_dict: bool = True
@@ -510,13 +366,13 @@ class CFWAdapter(ModelMixin, ConfigMixin):
         """
         Runs the VAE encoder once and returns its posterior and the features of the fused levels.
 
-        Same computation as the official ``AutoencoderKLResi.encode``, run through ``vae.encode``. The whole image is
-        encoded in one pass even if ``vae.enable_tiling()`` is on (per-tile features cannot be stitched);
-        ``vae.enable_slicing()`` is honoured. When the adapter is attached to `vae`, its capture hooks also store
-        these features (as after ``vae.encode``).
+        Same computation as the official ``AutoencoderKLResi.encode``, run through ``vae.encode``: the posterior is
+        the one ``vae.encode(image)`` gives, so a caller that needs both the LQ latent and the CFW features encodes
+        once. The whole image is encoded in one pass even if ``vae.enable_tiling()`` is on (per-tile features cannot
+        be stitched); ``vae.enable_slicing()`` is honoured.
 
         Args:
-            vae (`AutoencoderKL`): The VAE (attached or not).
+            vae (`AutoencoderKL`): The VAE.
             image (`torch.Tensor`): (B, 3, H, W) in [-1, 1], H and W multiples of 2**(L-1).
             return_dict (`bool`): Return a [`CFWEncoderOutput`] instead of a tuple.
 
@@ -529,6 +385,8 @@ class CFWAdapter(ModelMixin, ConfigMixin):
                 f"expected an image batch of shape (B, {vae.config.in_channels}, H, W), got {tuple(image.shape)}"
             )
         captured: dict[int, list[torch.Tensor]] = {level: [] for level in self._levels}
+        # Read-only capture: output of the level's last resnet, before its downsampler (official
+        # Encoder.forward(return_fea=True) appends h after the level's blocks).
         handles = [
             vae.encoder.down_blocks[level].resnets[-1].register_forward_hook(self._capture_into_list(captured[level]))
             for level in self._levels
@@ -562,16 +420,19 @@ class CFWAdapter(ModelMixin, ConfigMixin):
         """
         ``vae.decode`` with the CFW fusion active, as the official ``AutoencoderKLResi.decode`` with ``fusion_w = w``.
 
-        Attaches temporarily when the adapter is not attached to `vae`, and restores the adapter's previous features
-        and weight afterwards. ``fidelity_weight == 0`` gives exactly ``vae.decode(latents)``.
+        The fusion wrappers are in `vae` only during this call. ``fidelity_weight == 0`` is exactly
+        ``vae.decode(latents)`` (the fusion is skipped, not multiplied by 0).
 
         Args:
             vae (`AutoencoderKL`): The VAE.
             latents (`torch.Tensor`): Raw (unscaled, i.e. divided by ``scaling_factor``) latents, (B, 4, h, w).
             encoder_features (`Sequence[torch.Tensor]` or `None`):
-                Encoder features per fusion level (see [`~CFWAdapter.set_encoder_features`]) matching `latents`
-                (same batch; for a latent tile, the matching crop). May be `None` only when `fidelity_weight` is 0.
-            fidelity_weight (`float`): ``w`` in [0, 1].
+                One tensor per fusion level ascending by level (as `fusion_levels`, e.g. from
+                [`~CFWAdapter.encode_features`]), level ``i`` of shape (B, block_out_channels[i], h_i, w_i) matching
+                the decoder feature of that level (same batch; for a latent tile, the matching crop). May be `None`
+                only when `fidelity_weight` is 0.
+            fidelity_weight (`float`): ``w`` in [0, 1]: 0 = stock decoder (realism), 1 = full fusion (fidelity). The
+                official training uses 1.0, its inference scripts ``--dec_w 0.5``.
             return_dict (`bool`): Return a [`~models.vae.DecoderOutput`] instead of a tuple.
 
         Returns:
@@ -580,30 +441,72 @@ class CFWAdapter(ModelMixin, ConfigMixin):
         w = _check_fidelity_weight(fidelity_weight)
         if encoder_features is None and w != 0:
             raise ValueError(f"encoder_features are required when fidelity_weight={w} (only w=0 can do without)")
-        features = {} if encoder_features is None else self._validate_features(encoder_features)
-        if vae.use_tiling and (
+        features = None if encoder_features is None else self._validate_features(encoder_features)
+        if w == 0:
+            image = vae.decode(latents).sample
+        elif vae.use_tiling and (
             latents.shape[-1] > vae.tile_latent_min_size or latents.shape[-2] > vae.tile_latent_min_size
         ):
             raise ValueError(
                 "vae.enable_tiling() would split the decode into tiles the encoder features do not match; disable it "
-                "and tile the CFW decode yourself with cropped encoder features"
+                "and tile the CFW decode yourself with cropped encoder features (stablesr.vae_tiling.decode)"
             )
-        previous = (self._state.fidelity_weight, self._state.encoder_features)
-        try:
-            self._state.fidelity_weight = w
-            with self._attached_if_needed(vae):
-                if vae.use_slicing and latents.shape[0] > 1:
-                    # AutoencoderKL.decode would slice the latents but not our features: slice both here.
-                    images = []
-                    for index, latent in enumerate(latents.split(1)):
-                        self._state.encoder_features = {lvl: f[index : index + 1] for lvl, f in features.items()}
-                        images.append(vae.decode(latent).sample)
-                    image = torch.cat(images)
-                else:
-                    self._state.encoder_features = features
-                    image = vae.decode(latents).sample
-        finally:
-            self._state.fidelity_weight, self._state.encoder_features = previous
+        elif vae.use_slicing and latents.shape[0] > 1:
+            # AutoencoderKL.decode would slice the latents but not our features: slice both here.
+            images = []
+            for index, latent in enumerate(latents.split(1)):
+                with self._fusion_context(vae, [f[index : index + 1] for f in features], w):
+                    images.append(vae.decode(latent).sample)
+            image = torch.cat(images)
+        else:
+            with self._fusion_context(vae, features, w):
+                image = vae.decode(latents).sample
         if not return_dict:
             return (image,)
         return DecoderOutput(sample=image)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The one stateful piece
+
+    @contextmanager
+    def _fusion_context(
+        self, vae: AutoencoderKL, encoder_features: Sequence[torch.Tensor] | None, fidelity_weight: float
+    ) -> Iterator[None]:
+        """
+        Private: inside the block, every ``vae.decode`` fuses `encoder_features` with `fidelity_weight`.
+
+        Replaces the last resnet of each fused decoder level with a [`CFWFusionWrapper`] bound to that level's
+        feature and the weight, and puts the plain resnets back on exit (also on error), so `vae` is then exactly as
+        before. The fusion blocks are VAE submodules meanwhile (``vae.state_dict()`` changes): never save the VAE
+        inside the block. Contexts do not nest on one VAE.
+
+        [`~CFWAdapter.decode`] opens one per call. The only other user is stage-2 training with gradient
+        checkpointing (``train/train_cfw.py``): the decoder blocks re-run in backward, after the forward returned,
+        and must still fuse the same features, so the trainer keeps one context open until its next forward.
+        """
+        w = _check_fidelity_weight(fidelity_weight)
+        if encoder_features is None and w != 0:
+            raise ValueError(f"encoder_features are required when fidelity_weight={w} (only w=0 can do without)")
+        if encoder_features is None:
+            features = [None] * len(self._levels)
+        else:
+            features = self._validate_features(encoder_features)
+        self._check_vae(vae)
+        num_levels = len(self.config.block_out_channels)
+        installed: list[tuple[UpDecoderBlock2D, CFWFusionWrapper]] = []
+        try:
+            for level, feature in zip(self._levels, features, strict=True):
+                up_block = vae.decoder.up_blocks[num_levels - 1 - level]
+                if isinstance(up_block.resnets[-1], CFWFusionWrapper):
+                    raise ValueError(
+                        f"CFW fusion level {level}: the VAE decoder already carries a CFW wrapper (a fusion context "
+                        "is open on this VAE)"
+                    )
+                wrapper = CFWFusionWrapper(up_block.resnets[-1], self.fusion_layer(level), level, feature, w)
+                up_block.resnets[-1] = wrapper
+                installed.append((up_block, wrapper))
+            yield
+        finally:
+            for up_block, wrapper in reversed(installed):
+                if up_block.resnets[-1] is wrapper:
+                    up_block.resnets[-1] = wrapper.base_layer

@@ -2,7 +2,7 @@
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import PIL.Image
 import torch
@@ -13,8 +13,19 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import vae_tiling
+from ..color import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX
 from ..color import color_fix as apply_color_fix
-from ..image_processor import as_pil_list, from_tensor, to_tensor, upscale_alpha
+from ..image_processor import (
+    Canvas,
+    alpha_from_tensor,
+    alpha_to_tensor,
+    as_rgb_alpha_list,
+    attach_alpha,
+    from_tensor,
+    pad_to,
+    to_tensor,
+    working_canvas,
+)
 from ..models.cfw import CFWAdapter
 from ..models.prompt_embedding import PromptEmbedding
 from ..models.sft import SFTAdapter
@@ -24,7 +35,6 @@ from ..tiling import TileAccumulator, gaussian_tile_weights, tile_grid
 
 logger = logging.get_logger(__name__)
 
-COLOR_FIXES = ("wavelet", "adain", "none")
 STARTS = ("lq", "noise")
 
 
@@ -37,21 +47,35 @@ def _batch_embeds(prompt_embeds: torch.Tensor, batch: int) -> torch.Tensor:
     return prompt_embeds.repeat(batch // prompt_embeds.shape[0], 1, 1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RestorationCondition:
-    """Everything needed to decode sampled latents of one image again (at another fidelity weight, say).
+    """Everything needed to decode sampled latents of one image again (at another fidelity weight, say): tensors and
+    sizes only, immutable (make a changed copy with `dataclasses.replace`).
 
     Args:
         lq_image: (1, 3, H, W) bicubic-upsampled and padded low-quality image in [-1, 1] (the CFW / color-fix input).
         work_size: (height, width) before padding.
         output_size: (height, width) of the final image (= round(upscale x input)).
-        alpha: the input's alpha channel (PIL "L"), or None.
+        alpha: (1, 1, h, w) uint8 alpha channel of the input at its own size, or None; upscaled to the output size
+            and attached to the decoded image.
+        cfw_features: the CFW encoder features of ``lq_image`` (one per fusion level), computed in the same encoder
+            pass as the LQ latent when the image fits one VAE tile; None otherwise (decoding recomputes them).
     """
 
     lq_image: torch.Tensor
     work_size: tuple[int, int]
     output_size: tuple[int, int]
-    alpha: PIL.Image.Image | None = None
+    alpha: torch.Tensor | None = None
+    cfw_features: tuple[torch.Tensor, ...] | None = None
+
+    def to(self, device=None, dtype=None) -> "RestorationCondition":
+        """A copy with the image tensors (and CFW features) moved; alpha stays uint8."""
+        features = None
+        if self.cfw_features is not None:
+            features = tuple(f.to(device=device, dtype=dtype) for f in self.cfw_features)
+        alpha = None if self.alpha is None else self.alpha.to(device=device)
+        return replace(self, lq_image=self.lq_image.to(device=device, dtype=dtype), alpha=alpha,
+                       cfw_features=features)
 
 
 @dataclass
@@ -136,8 +160,8 @@ class StableSRPipeline(DiffusionPipeline):
             raise ValueError(f"upscale must be a positive number, got {upscale!r}")
         if not 0.0 <= float(fidelity_weight) <= 1.0:
             raise ValueError(f"fidelity_weight must be in [0, 1] (0 = realism, 1 = fidelity), got {fidelity_weight}")
-        if color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
         if start not in STARTS:
             raise ValueError(f"start must be one of {STARTS}, got {start!r}")
         if tile_size is not None and tile_size < 8:
@@ -157,29 +181,51 @@ class StableSRPipeline(DiffusionPipeline):
             prompt_embeds = self.prompt_embedding()
         return prompt_embeds.to(device=device, dtype=dtype)
 
-    def prepare_condition(self, image: PIL.Image.Image, upscale: float) -> RestorationCondition:
-        """Bicubic upscale by ``upscale`` (and to at least the native size), pad to a multiple of 64 pixels."""
-        alpha = image.getchannel("A") if image.mode == "RGBA" else None
-        lq = to_tensor(image.convert("RGB"))
+    @property
+    def canvas_multiple(self) -> int:
+        """Pixel multiple the UNet accepts (VAE factor x UNet down-sampling: 64 for SD 2.x)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def working_canvas(self, height: int, width: int, upscale: float) -> Canvas:
+        """Output, sampled and padded sizes for an input of ``height`` x ``width`` (see
+        [`stablesr.image_processor.working_canvas`])."""
+        return working_canvas((height, width), upscale, self.native_size, self.canvas_multiple)
+
+    def prepare_condition(self, image: PIL.Image.Image, upscale: float,
+                          alpha: PIL.Image.Image | None = None) -> RestorationCondition:
+        """Bicubic upscale of the RGB ``image`` to its working canvas, padded to the UNet's multiple."""
+        lq = to_tensor(image)
         h, w = lq.shape[-2:]
-        out_h, out_w = max(1, round(h * upscale)), max(1, round(w * upscale))
-        scale = max(1.0, self.native_size / min(out_h, out_w))
-        work_h, work_w = round(out_h * scale), round(out_w * scale)
+        canvas = self.working_canvas(h, w, upscale)
+        work_h, work_w = canvas.work_size
         lq_up = F.interpolate(lq, size=(work_h, work_w), mode="bicubic", align_corners=False,
                               antialias=work_h < h or work_w < w).clamp(-1, 1)
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        pad_h, pad_w = (-work_h) % multiple, (-work_w) % multiple
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < work_h and pad_w < work_w else "replicate"
-            lq_up = F.pad(lq_up, (0, pad_w, 0, pad_h), mode=mode)
-        return RestorationCondition(lq_up, (work_h, work_w), (out_h, out_w), alpha)
+        lq_up = pad_to(lq_up, *canvas.padded_size)
+        alpha_t = alpha_to_tensor(alpha) if alpha is not None else None
+        return RestorationCondition(lq_up, canvas.work_size, canvas.output_size, alpha_t)
 
-    def encode_condition(self, lq_image: torch.Tensor, generator, vae_tile_size, vae_tile_overlap):
+    def encode_condition(
+        self, lq_image: torch.Tensor, generator, vae_tile_size, vae_tile_overlap, return_cfw_features: bool = False
+    ):
         """Scaled latent of the low-quality image: ``posterior.sample() * scaling_factor`` (official
-        ``get_first_stage_encoding``)."""
-        mean, std = vae_tiling.encode_moments(self.vae, lq_image.to(self.vae.dtype), vae_tile_size, vae_tile_overlap)
+        ``get_first_stage_encoding``).
+
+        With ``return_cfw_features``: ``(latent, cfw_features)``, where ``cfw_features`` (for
+        [`RestorationCondition`]) are the CFW encoder features of the same encoder pass when the image is encoded
+        untiled and a CFW adapter is loaded, else None; an untiled decode then does not encode the image again."""
+        image = lq_image.to(self.vae.dtype)
+        cfw_features = None
+        if return_cfw_features and self.cfw_adapter is not None and vae_tiling.fits_one_tile(
+            *image.shape[-2:], vae_tile_size
+        ):
+            encoded = self.cfw_adapter.encode_features(self.vae, image)
+            mean, std = encoded.latent_dist.mean, encoded.latent_dist.std
+            cfw_features = tuple(encoded.encoder_features)
+        else:
+            mean, std = vae_tiling.encode_moments(self.vae, image, vae_tile_size, vae_tile_overlap)
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * noise) * self.vae.config.scaling_factor
+        latents = (mean + std * noise) * self.vae.config.scaling_factor
+        return (latents, cfw_features) if return_cfw_features else latents
 
     def predict_model_output(
         self,
@@ -277,7 +323,7 @@ class StableSRPipeline(DiffusionPipeline):
         latents: torch.Tensor,
         condition: RestorationCondition,
         fidelity_weight: float = 0.5,
-        color_fix: str = "wavelet",
+        color_fix: str = DEFAULT_COLOR_FIX,
         vae_tile_size: int | None = 1024,
         vae_tile_overlap: int = 64,
         output_type: str = "pil",
@@ -286,14 +332,15 @@ class StableSRPipeline(DiffusionPipeline):
         size. One CFW decode per call: this is how the fidelity weight is tuned without sampling again."""
         if not 0.0 <= float(fidelity_weight) <= 1.0:
             raise ValueError(f"fidelity_weight must be in [0, 1], got {fidelity_weight}")
-        if color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {color_fix!r}")
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
         device = self._execution_device
         lq_image = condition.lq_image.to(device=device, dtype=self.vae.dtype)
         raw = latents.to(device=device, dtype=self.vae.dtype) / self.vae.config.scaling_factor
+        # An untiled decode fuses the condition's CFW features (from the LQ-latent encode) instead of encoding again.
         image = vae_tiling.decode(
             self.vae, raw, lq_image, self.cfw_adapter, fidelity_weight if self.cfw_adapter is not None else 0.0,
-            vae_tile_size, vae_tile_overlap,
+            vae_tile_size, vae_tile_overlap, encoder_features=condition.cfw_features,
         ).float()
         image = apply_color_fix(image, lq_image.float(), color_fix)
         work_h, work_w = condition.work_size
@@ -309,10 +356,8 @@ class StableSRPipeline(DiffusionPipeline):
             return (image + 1) / 2
         if output_type == "np":
             return ((image + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-        pil = from_tensor(image.cpu())[0]
-        if condition.alpha is not None:
-            pil.putalpha(upscale_alpha(condition.alpha, pil.size))
-        return pil
+        alpha = alpha_from_tensor(condition.alpha) if condition.alpha is not None else None
+        return attach_alpha(from_tensor(image.cpu())[0], alpha)
 
     # ------------------------------------------------------------------------------------------------ __call__
     @torch.no_grad()
@@ -322,7 +367,7 @@ class StableSRPipeline(DiffusionPipeline):
         upscale: float = 4.0,
         num_inference_steps: int | None = None,
         fidelity_weight: float = 0.5,
-        color_fix: str = "wavelet",
+        color_fix: str = DEFAULT_COLOR_FIX,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
         tile_batch_size: int = 4,
@@ -374,7 +419,7 @@ class StableSRPipeline(DiffusionPipeline):
         self.check_inputs(upscale, fidelity_weight, color_fix, start, tile_size, tile_overlap, num_inference_steps)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        images = as_pil_list(image)
+        images = as_rgb_alpha_list(image)  # the alpha channel is split off here, once
         if isinstance(latents, torch.Tensor):
             latents = [latents]
         if latents is not None and len(latents) != len(images):
@@ -388,10 +433,10 @@ class StableSRPipeline(DiffusionPipeline):
         embeds = self.get_prompt_embeds(prompt_embeds, device, self.unet.dtype)
 
         outputs, all_latents, conditions = [], [], []
-        for index, pil in enumerate(images):
+        for index, (rgb, alpha) in enumerate(images):
             gen = generators[index]
             # 3. Preprocess: bicubic upscale, pad; encode the LQ latent
-            condition = self.prepare_condition(pil, upscale)
+            condition = self.prepare_condition(rgb, upscale, alpha)
             lq_image = condition.lq_image.to(device)
             lq_latents = self.encode_condition(lq_image, gen, vae_tile_size, vae_tile_overlap).float()
 

@@ -31,7 +31,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOut
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils.torch_utils import randn_tensor
 
-__all__ = ["RESPACED_TABLE_NAMES", "StableSRDDPMScheduler", "scheduler_from_name", "space_timesteps"]
+__all__ = ["RESPACED_TABLE_NAMES", "StableSRDDPMScheduler", "space_timesteps"]
 
 # Names of the re-registered schedule buffers of the official model (ldm/models/diffusion/ddpm.py
 # DDPM.register_schedule), in registration order; ``StableSRDDPMScheduler.respaced`` uses the same keys.
@@ -606,38 +606,6 @@ class StableSRDDPMScheduler(DDPMScheduler):
         last = torch.full((lq_latents.shape[0],), self.config.num_train_timesteps - 1, dtype=torch.int64)
         return self.add_noise(lq_latents, noise.to(lq_latents), last)
 
-
-
-
-def scheduler_from_name(name: str, config):
-    """
-    A scheduler of the named kind built from `config` (a pipeline's ``scheduler.config``), with only the config keys
-    its class takes (the official DDPM config has extras that other classes would warn about).
-
-    Args:
-        name (`str`): "ddpm" (the official respaced DDPM), "ddim", "dpmsolver", "unipc" or "euler" (the choices of
-            `stablesr restore --scheduler` and of the web UI).
-        config: A scheduler config (`FrozenDict` or mapping) holding the training schedule and prediction type.
-
-    Raises:
-        ValueError: for an unknown name, listing the known ones.
-    """
-    import inspect
-
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
-
-    classes = {
-        "ddpm": StableSRDDPMScheduler,
-        "ddim": DDIMScheduler,
-        "dpmsolver": DPMSolverMultistepScheduler,
-        "unipc": UniPCMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-    }
-    if name not in classes:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(classes)}")
-    cls = classes[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls.from_config({k: v for k, v in dict(config).items() if k in accepted})
 
 def _compute_dtype(sample: torch.Tensor) -> torch.dtype:
     """float32 for half-precision latents (|x0| reaches ~15|x| at t=999), otherwise the latent's own dtype."""

@@ -1,0 +1,67 @@
+"""Schedulers: StableSR's respaced DDPM (``scheduling_stablesr_ddpm``, diffusers' file naming) and the one table of
+scheduler names that the command line, the web UI and Python callers choose from.
+
+Folders converted before this package existed name ``stablesr.schedulers`` in their ``model_index.json``; the class is
+re-exported here (with the ``SchedulerMixin`` diffusers looks up next to it) so those folders keep loading.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+# DiffusionPipeline.from_pretrained resolves a custom component's base class by looking the name up in the module
+# named in model_index.json, so SchedulerMixin must be importable from here too (old folders name this package).
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+
+from .scheduling_stablesr_ddpm import RESPACED_TABLE_NAMES, StableSRDDPMScheduler, space_timesteps
+
+__all__ = [
+    "DEFAULT_SCHEDULER",
+    "RESPACED_TABLE_NAMES",
+    "SCHEDULERS",
+    "StableSRDDPMScheduler",
+    "scheduler_from_name",
+    "space_timesteps",
+]
+
+SCHEDULERS: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
+"""Scheduler names: "ddpm" is the official respaced ancestral DDPM; the others suit 10-50 steps."""
+DEFAULT_SCHEDULER = "ddpm"
+SCHEDULER_LABELS: dict[str, str] = {
+    "ddpm": "DDPM (official, respaced)",
+    "ddim": "DDIM",
+    "dpmsolver": "DPM-Solver++",
+    "unipc": "UniPC",
+    "euler": "Euler",
+}
+
+
+def _scheduler_class(name: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    return {
+        "ddpm": StableSRDDPMScheduler,
+        "ddim": DDIMScheduler,
+        "dpmsolver": DPMSolverMultistepScheduler,
+        "unipc": UniPCMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+    }[name]
+
+
+def scheduler_from_name(name: str, config):
+    """
+    A scheduler of the named kind built from `config` (a pipeline's ``scheduler.config``), with only the config keys
+    its class takes (the official DDPM config has extras that other classes would warn about).
+
+    Args:
+        name (`str`): one of [`SCHEDULERS`].
+        config: A scheduler config (`FrozenDict` or mapping) holding the training schedule and prediction type.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = _scheduler_class(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls.from_config({k: v for k, v in dict(config).items() if k in accepted})
