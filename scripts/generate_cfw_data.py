@@ -126,6 +126,12 @@ def main(args: argparse.Namespace):
 
 
 if __name__ == "__main__":
+    from stablesr.file_utils import DiskFullError
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    report = main(parse_args())
+    try:
+        report = main(parse_args())
+    except DiskFullError as err:  # every further sample would fail the same way
+        logger.error(f"stopped: {err}. Rerun the same command after freeing space (finished samples are skipped)")
+        sys.exit(1)
     sys.exit(0)

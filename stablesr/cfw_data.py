@@ -276,8 +276,9 @@ def _save_png(image_01: torch.Tensor, path: Path) -> None:
 
 
 def _save_latents(latents: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    with atomic_write_path(path) as tmp:
-        save_file({LATENTS_KEY: latents.detach().to("cpu", torch.float32).contiguous()}, str(tmp), metadata=metadata)
+    latents = latents.detach().to("cpu", torch.float32).contiguous()
+    with atomic_write_path(path, size=latents.numel() * latents.element_size()) as tmp:  # size: for a full disk
+        save_file({LATENTS_KEY: latents}, str(tmp), metadata=metadata)
 
 
 def _remove_stale_temporaries(root: Path, name: str) -> None:
@@ -405,6 +406,10 @@ def generate_cfw_data(
 
     Returns:
         [`CFWDataReport`] of this shard.
+
+    Raises:
+        [`~stablesr.file_utils.DiskFullError`]: no room for a file; the run stops there (every further sample would
+            fail the same way) and leaves no partial sample that counts as finished.
     """
     root = Path(output_dir)
     degradation_config = degradation_config if degradation_config is not None else DegradationConfig()

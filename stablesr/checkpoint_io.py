@@ -7,6 +7,8 @@ only tensor-rebuild functions and turns references into known training-framework
 that are never imported or called. Any other global (``os.system``, ``builtins.eval``, ``subprocess``...) is refused.
 """
 
+import json
+import math
 import os
 import pickle
 import zipfile
@@ -101,6 +103,83 @@ def _torch_load(path: Path, weights_only: bool):
     return torch.load(path, **kwargs)
 
 
+# safetensors refuses headers above 100 MB; a larger length field means a corrupt file or another format.
+SAFETENSORS_MAX_HEADER = 100_000_000
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """The JSON header of a ``.safetensors`` file, checked against the file without reading any tensor.
+
+    Returns ``{tensor name: {"dtype", "shape", "data_offsets"}}`` plus ``"__metadata__"`` when the file has it.
+
+    Raises:
+        [`CheckpointError`]: one line naming the file and what is wrong: a pickle or zip (``torch.save``) file under a
+            safetensors name, a length field larger than the file or than 100 MB, a header that is not JSON, tensor
+            sizes that do not match their shapes, or a file shorter (truncated) or longer than its header says.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            kind = "zip (torch.save)" if head.startswith(b"PK") else "Python pickle"
+            raise CheckpointError(
+                f"{path} is a {kind} file, not safetensors (it was not opened: pickles can run code)"
+            )
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes, shorter than a safetensors header)")
+        length = int.from_bytes(head, "little")
+        if length > SAFETENSORS_MAX_HEADER or 8 + length > size:
+            raise CheckpointError(
+                f"{path} is corrupt or truncated: its header length field says {length} bytes but the file has "
+                f"{size} bytes"
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            itemsize = _SAFETENSORS_ITEMSIZE.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} is corrupt: malformed header entry for tensor {name!r}") from None
+        if itemsize is not None and stop - begin != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{path} is corrupt: tensor {name!r} has {stop - begin} bytes for shape {shape}")
+        end = max(end, stop)
+    data = size - 8 - length
+    if end != data:
+        problem = "truncated" if end > data else "corrupt"
+        raise CheckpointError(
+            f"{path} is {problem}: its header describes {8 + length + end} bytes but the file has {size}"
+        )
+    return header
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read a checkpoint's tensors safely.
 
@@ -110,6 +189,19 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     Returns:
         ``(state_dict, other_entries)``: the flat tensor dict (the Lightning ``state_dict`` entry when present) and
         the names of top-level entries that were not used (``global_step``, ``optimizer_states``...).
+    """
+    state_dict, others = load_checkpoint_with_extras(path)
+    return state_dict, sorted(others)
+
+
+def load_checkpoint_with_extras(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """[`load_checkpoint`], with the non-weight entries themselves instead of their names.
+
+    Returns:
+        ``(state_dict, extras)``: ``extras`` holds the other top-level entries of a PyTorch/Lightning file
+        (``hyper_parameters``, ``global_step``...; objects of training frameworks are inert placeholders whose
+        pickled state is in their ``_state`` attribute), or ``{"__metadata__": {...}}`` for a safetensors file
+        with metadata.
     """
     path = Path(path)
     if not path.exists():
@@ -124,7 +216,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path)), []
+            metadata = safetensors_header(path).get("__metadata__")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; fetch it again") from None
+        try:
+            return load_file(str(path)), ({"__metadata__": metadata} if metadata else {})
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path} is not a readable safetensors file ({err}); fetch it again") from err
 
@@ -146,9 +242,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
 
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state_dict = obj["state_dict"]
-        others = sorted(k for k in obj if k != "state_dict")
+        others = {k: v for k, v in obj.items() if k != "state_dict"}
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state_dict, others = obj, []
+        state_dict, others = obj, {}
     else:
         raise CheckpointError(f"{path} holds no state_dict of tensors; is it a StableSR checkpoint?")
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]

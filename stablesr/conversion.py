@@ -12,12 +12,9 @@ covered by tests). The StableSR parts keep official parameter names and load aft
 input is accounted for: converted, skipped on purpose (listed), or an error.
 """
 
-import contextlib
 import inspect
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +31,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from diffusers.utils import logging
 
-from .checkpoint_io import load_checkpoint
-from .file_utils import TMP_SUFFIX, replace_dir
+from .checkpoint_io import _Inert, load_checkpoint, load_checkpoint_with_extras
+from .file_utils import atomic_write_dir, remove_stale_temporaries
 from .models.cfw import CFWAdapter
 from .models.prompt_embedding import PromptEmbedding
 from .models.sft import SFTAdapter
@@ -68,7 +65,13 @@ class ConversionReport:
     other_entries: list[str] = field(default_factory=list)  # non-state_dict top-level entries of the files
     config_source: str = "shapes"
     prediction_type: str = "epsilon"
+    # Where prediction_type came from; "guessed ..." when nothing in the inputs declared it.
+    prediction_type_source: str = "default"
     seconds: float = 0.0
+
+    @property
+    def prediction_type_guessed(self) -> bool:
+        return self.prediction_type_source.startswith("guessed")
 
     def skip(self, reason: str, keys) -> None:
         keys = sorted(keys)
@@ -82,7 +85,8 @@ class ConversionReport:
             lines.append(f"skipped on purpose ({reason}): {shown}")
         if self.other_entries:
             lines.append(f"ignored non-weight entries: {', '.join(self.other_entries)}")
-        lines.append(f"config from {self.config_source}; prediction type {self.prediction_type}")
+        lines.append(f"config from {self.config_source}; prediction type {self.prediction_type} "
+                     f"({self.prediction_type_source})")
         return "\n".join(lines)
 
 
@@ -189,18 +193,96 @@ def _load_yaml(path: str | os.PathLike | None) -> dict | None:
         raise ConversionError(f"cannot read the config {path}: {err}") from err
 
 
-def _prediction_type(explicit: str | None, yaml_cfg: dict | None, ckpt_path: Path) -> str:
-    aliases = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+PREDICTION_TYPE_ALIASES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+# Keys that declare the parameterization: the official LDM one, diffusers' name, and the Stability model-spec tag.
+_PREDICTION_TYPE_KEYS = ("parameterization", "prediction_type", "modelspec.prediction_type")
+
+
+def checkpoint_name_hints(checkpoint_path: str | os.PathLike) -> dict[str, bool]:
+    """What the converter reads from a checkpoint's file NAME alone (the weights cannot tell): a v-prediction model
+    ("768v" or "_v_" in the name) and a turbo model ("turbo": 4 default steps). Part of the conversion cache key."""
+    name = Path(checkpoint_path).name
+    return {"v_prediction": "768v" in name or "_v_" in name, "turbo": "turbo" in name.lower()}
+
+
+def declared_prediction_type(extras: dict) -> tuple[str, str] | None:
+    """``(prediction_type, where)`` declared in a checkpoint's non-weight entries, or None.
+
+    Looks for ``parameterization`` / ``prediction_type`` / ``modelspec.prediction_type`` in the Lightning
+    ``hyper_parameters`` (plain dicts, ``argparse.Namespace`` or OmegaConf objects, read as inert placeholders) and
+    in safetensors metadata. The official StableSR checkpoints carry none (their classes never call
+    ``save_hyperparameters``), but re-saved or fine-tuned ones may. Nothing is executed: only already-loaded plain
+    values are walked, with a bound on how many.
+    """
+    budget = [20_000]
+
+    def plain(value):
+        if isinstance(value, _Inert):  # OmegaConf value node: its pickled state holds the value
+            state = getattr(value, "_state", None)
+            value = state.get("_val") if isinstance(state, dict) else None
+        return value.strip().strip('"').lower() if isinstance(value, str) else None
+
+    def walk(node, path: str, depth: int):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 8:
+            return None
+        if isinstance(node, _Inert):
+            node = getattr(node, "_state", None)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    continue
+                found = plain(value) if key in _PREDICTION_TYPE_KEYS else None
+                if found in PREDICTION_TYPE_ALIASES:
+                    return PREDICTION_TYPE_ALIASES[found], f"{path}.{key}"
+                if not isinstance(value, torch.Tensor) and (hit := walk(value, f"{path}.{key}", depth + 1)):
+                    return hit
+        elif isinstance(node, (list, tuple)):
+            for item in node[:1000]:
+                if not isinstance(item, torch.Tensor) and (hit := walk(item, path, depth + 1)):
+                    return hit
+        return None
+
+    for name, value in extras.items():
+        if any(word in name.lower() for word in ("hyper", "hparams", "config", "metadata")):
+            hit = walk(value, name, 0)
+            if hit:
+                return hit
+    return None
+
+
+def _prediction_type(
+    explicit: str | None, yaml_cfg: dict | None, ckpt_path: Path, extras: dict | None = None
+) -> tuple[str, str]:
+    """``(prediction_type, source)``: explicit argument > YAML > checkpoint metadata > file name > eps.
+
+    The weights cannot tell eps from v (the official 512 and 768-v key lists are identical), so the last two are
+    guesses and are logged as warnings."""
+    aliases = PREDICTION_TYPE_ALIASES
     if explicit is not None:
         if explicit not in aliases:
             raise ConversionError(f"prediction_type must be one of {sorted(aliases)}, got {explicit!r}")
-        return aliases[explicit]
+        return aliases[explicit], "given explicitly"
     if yaml_cfg is not None:
-        return aliases[yaml_cfg["model"]["params"].get("parameterization", "eps")]
-    if "768v" in ckpt_path.name or "_v_" in ckpt_path.name:
-        logger.warning(f"{ckpt_path.name}: assuming v-prediction from the file name (pass prediction_type to override)")
-        return "v_prediction"
-    return "epsilon"
+        params = yaml_cfg["model"]["params"]
+        value = params.get("parameterization", "eps")
+        if value not in aliases:
+            raise ConversionError(f"the config's parameterization must be eps or v, got {value!r}")
+        stated = "parameterization" in params
+        return aliases[value], "from the config" + ("" if stated else " (no parameterization: the LDM default eps)")
+    declared = declared_prediction_type(extras or {})
+    if declared is not None:
+        logger.info(f"{ckpt_path.name}: prediction type {declared[0]} from the checkpoint's {declared[1]}")
+        return declared[0], f"checkpoint {declared[1]}"
+    settle = "pass --prediction-type (eps or v) or --config with the official YAML to `stablesr convert` to settle it"
+    if checkpoint_name_hints(ckpt_path)["v_prediction"]:
+        logger.warning(f"{ckpt_path.name}: nothing in the checkpoint declares its prediction type and the weights "
+                       f"cannot tell; assuming v-prediction because the file name says '768v'/'_v_'. {settle}")
+        return "v_prediction", "guessed from the file name"
+    logger.warning(f"{ckpt_path.name}: nothing in the checkpoint declares its prediction type and the weights cannot "
+                   "tell; assuming eps (the 512 and turbo models). A renamed 768-v checkpoint would give wrong "
+                   f"images this way: {settle}")
+    return "epsilon", "guessed: eps, since the file name does not say 768v"
 
 
 # ------------------------------------------------------------------------------------------------------ converters
@@ -434,7 +516,9 @@ def convert_stablesr_checkpoint(
             ``overwrite``).
         original_config: the official YAML (``v2-finetune_text_T_512.yaml``...). Without it the architecture is read
             from tensor shapes (attention heads then follow the SD 2 convention of 64 channels per head).
-        prediction_type: "epsilon"/"eps" or "v_prediction"/"v"; default from the YAML, else the file name ("768v").
+        prediction_type: "epsilon"/"eps" or "v_prediction"/"v"; default from the YAML, else from the checkpoint's
+            ``hyper_parameters`` / metadata (``parameterization``), else guessed from the file name ("768v" -> v,
+            otherwise eps) with a warning; ``report.prediction_type_source`` says which.
         default_num_inference_steps: stored in the pipeline config (default 4 for a "turbo" file, else 200).
         prompt_embeds: ``(1, 77, D)`` empty-prompt embedding to store when the checkpoint has no text encoder.
         text_encoder: a ``CLIPTextModel`` to compute the empty-prompt embedding when the checkpoint has none.
@@ -454,9 +538,11 @@ def convert_stablesr_checkpoint(
             raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite")
     report = ConversionReport()
     yaml_cfg = _load_yaml(original_config)
-    sd, others = load_checkpoint(checkpoint_path)
-    report.other_entries += [f"{checkpoint_path.name}:{k}" for k in others]
-    report.prediction_type = _prediction_type(prediction_type, yaml_cfg, checkpoint_path)
+    sd, extras = load_checkpoint_with_extras(checkpoint_path)
+    report.other_entries += [f"{checkpoint_path.name}:{k}" for k in sorted(extras)]
+    report.prediction_type, report.prediction_type_source = _prediction_type(
+        prediction_type, yaml_cfg, checkpoint_path, extras
+    )
 
     if not any(k.startswith(UNET_PREFIX) for k in sd):
         raise ConversionError(
@@ -555,7 +641,7 @@ def convert_stablesr_checkpoint(
 
     scheduler = StableSRDDPMScheduler(prediction_type=report.prediction_type, **schedule)
     if default_num_inference_steps is None:
-        default_num_inference_steps = 4 if "turbo" in checkpoint_path.name.lower() else 200
+        default_num_inference_steps = 4 if checkpoint_name_hints(checkpoint_path)["turbo"] else 200
     pipe = StableSRPipeline(
         vae=vae,
         unet=unet,
@@ -576,13 +662,15 @@ def convert_stablesr_checkpoint(
 
 
 def save_pipeline_atomically(pipe, output_dir: Path, overwrite: bool = False) -> None:
-    """``save_pretrained`` into a temporary sibling folder, then rename it into place (never a half-written folder)."""
+    """``save_pretrained`` into a hidden temporary sibling folder, flush it to disk, then rename it into place.
+
+    A kill at any point leaves no folder or the complete one; the temporary folders of killed earlier runs are removed
+    first. No room to write raises [`~stablesr.file_utils.DiskFullError`] naming the folder and about how many bytes
+    it needs, and leaves nothing behind.
+    """
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=TMP_SUFFIX, dir=output_dir.parent))
-    try:
+    remove_stale_temporaries(output_dir.parent, output_dir.name)  # only folders whose writer is gone
+    size = sum(t.numel() * t.element_size() for module in pipe.components.values()
+               if isinstance(module, torch.nn.Module) for t in module.state_dict().values())
+    with atomic_write_dir(output_dir, overwrite=overwrite, size=size) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        replace_dir(tmp, output_dir, overwrite=overwrite)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)

@@ -37,7 +37,7 @@ import yaml
 from diffusers.utils import logging
 from torch import nn
 
-from .file_utils import atomic_write_text
+from .file_utils import atomic_write_text, remove_stale_temporaries
 from .image_io import ImageLoadError, iter_image_files, load_image, save_image
 from .image_processor import pad_to
 
@@ -1172,7 +1172,9 @@ def degrade_folder(
     more than one pair per image). HQ is the training target (USM-sharpened when ``config.use_usm``), mod-cropped to
     a multiple of ``scale``. Pairs are reproducible per file name and ``seed``. Images are read by
     [`~stablesr.image_io.load_image`] (EXIF orientation, ICC, 16-bit) and written by [`~stablesr.image_io.save_image`]
-    (atomically). Unreadable files are skipped with a warning; an existing pair is kept unless ``overwrite``.
+    (atomically), HQ first. Unreadable files are skipped with a warning; an existing pair is kept unless
+    ``overwrite``, and half a pair (left by a killed run) is made again, so a rerun completes an interrupted one with
+    the same files. Do not run two of these on one ``out_dir`` at the same time.
 
     Args:
         hq_dir: Folder of clean images (the top level; the extensions of [`~stablesr.image_io.IMAGE_EXTENSIONS`]).
@@ -1212,9 +1214,13 @@ def degrade_folder(
         for k in range(num_per_image):
             name = path.stem if num_per_image == 1 else f"{path.stem}_{k}"
             lq_path, hq_path = out_dir / "lq" / f"{name}.png", out_dir / "hq" / f"{name}.png"
-            if not overwrite and (lq_path.exists() or hq_path.exists()):
+            if not overwrite and lq_path.exists() and hq_path.exists():
                 logger.info(f"keeping existing pair {name} (pass overwrite=True to replace it)")
                 continue
+            # Half a pair is what a killed run leaves (HQ is written first): make both again (same seed, same
+            # files), and drop the hidden temporaries such a run left for them.
+            for out_path in (lq_path, hq_path):
+                remove_stale_temporaries(out_path.parent, out_path.name)
             generator = torch.Generator().manual_seed(_seed_for(seed, path.name, k))
             gt = image
             if crop is not None:

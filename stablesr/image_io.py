@@ -515,6 +515,8 @@ def save_image(
     Raises:
         `ValueError`: unsupported suffix, alpha for a format without alpha (JPEG, BMP), or an alpha of the wrong mode or
             size. `FileExistsError`: the file exists and `overwrite` is False. `IsADirectoryError`: `path` is a folder.
+            [`~stablesr.file_utils.DiskFullError`]: no room to write the file (nothing is left behind; a batch should
+            stop, the next file would fail the same way).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -594,17 +596,27 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+def _folder_images(folder: Path, recursive: bool, skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return [
-        p
-        for p in candidates
-        if _is_image_name(p) and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
+    images = []
+    for p in candidates:
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue  # hidden files and folders (.DS_Store, ._x.jpg, .git) are never inputs
+        if _is_image_name(p) and p.is_file():
+            images.append(p)
+        elif skipped is not None and p.is_file():
+            kind = f"'{p.suffix.lower()}'" if p.suffix else "no extension"
+            skipped.append((p, f"not a supported image type ({kind})"))
+        elif skipped is not None and p.is_dir() and not recursive:
+            skipped.append((p, "a sub-folder (pass --recursive to look inside)"))
+    return images
 
 
 def iter_image_files(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, recursive: bool = False
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    recursive: bool = False,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> list[Path]:
     """Expand files, folders and glob patterns into a sorted, de-duplicated list of image files.
 
@@ -619,6 +631,9 @@ def iter_image_files(
         inputs (`str`, `os.PathLike` or a sequence of them): What the user named.
         recursive (`bool`, *optional*, defaults to `False`): Descend into sub-folders of folder inputs and let `**`
             match across folders in patterns.
+        skipped (`list`, *optional*): When given, ``(path, reason)`` is appended for every visible entry of a folder
+            input or pattern match that is not taken (unsupported file types such as `.svg`, sub-folders without
+            `recursive`), so callers can say what was left out and why. Hidden files are never listed.
 
     Returns:
         `list[pathlib.Path]`: Sorted by path string; duplicates (the same file reached twice) kept once, in the
@@ -642,7 +657,7 @@ def iter_image_files(
         if path.is_file():
             add(path)
         elif path.is_dir():
-            images = _folder_images(path, recursive)
+            images = _folder_images(path, recursive, skipped)
             if not images:
                 where = "or its sub-folders " if recursive else ""
                 hint = "" if recursive else "; use recursive=True (CLI: --recursive) to look into sub-folders"
@@ -655,6 +670,10 @@ def iter_image_files(
         elif _GLOB_MAGIC.search(text):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(text), recursive=recursive)]
             files = [m for m in matches if m.is_file() and _is_image_name(m)]
+            if skipped is not None:
+                skipped.extend((m, f"not a supported image type ('{m.suffix.lower()}')" if m.suffix else
+                                "not a supported image type (no extension)")
+                               for m in matches if m.is_file() and not _is_image_name(m) and not m.name.startswith("."))
             if not files:
                 extra = f" ({len(matches)} matches, none an image file)" if matches else ""
                 raise FileNotFoundError(f"pattern '{text}' matches no image files{extra}")

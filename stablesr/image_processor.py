@@ -511,15 +511,20 @@ def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return image[0] if squeeze else image
 
 
+CANVAS_AREA_FACTOR = 4
+"""The sampled canvas never has more than this many times ``max(output area, native size ** 2)`` pixels."""
+
+
 @dataclass(frozen=True)
 class Canvas:
     """Where one image is sampled, all sizes as ``(height, width)`` in pixels.
 
     Attributes:
         output_size: the final image, ``round(upscale x input)`` per side.
-        work_size: the bicubic-upsampled input the model samples (the output size, scaled up so its short side is at
-            least the model's native size).
-        padded_size: ``work_size`` padded at the bottom/right to a multiple the UNet accepts.
+        work_size: the bicubic-upsampled input the model samples (the output size, scaled up towards the model's
+            native size; see [`working_canvas`]).
+        padded_size: ``work_size`` padded at the bottom/right: to a multiple the UNet accepts, and for thin images
+            up towards the native short side (reflection padding instead of scaling the long side without limit).
     """
 
     output_size: tuple[int, int]
@@ -532,12 +537,31 @@ class Canvas:
         return self.padded_size[0] * self.padded_size[1]
 
 
+def _ceil_to(value: int, multiple: int) -> int:
+    return value + (-value) % multiple
+
+
 def working_canvas(input_size: tuple[int, int], upscale: float, native_size: int, multiple: int = 64) -> Canvas:
     """The canvas for an input of ``input_size`` (height, width) upscaled by ``upscale``.
 
-    The one implementation of this arithmetic: the pipeline, the web UI's size limits and the batch planner all call
-    it. Inputs whose upscaled short side is below ``native_size`` (512 / 768) are sampled at that short side and
-    resized back to the output size after decoding.
+    The one implementation of this arithmetic: the pipeline and the web UI's size limits call it.
+
+    - Outputs whose short side reaches ``native_size`` (512 / 768) are sampled as they are (padded to ``multiple``).
+    - Smaller outputs are scaled up until their short side is ``native_size`` and resized back after decoding, as
+      long as that canvas stays within ``CANVAS_AREA_FACTOR x max(output area, native_size ** 2)`` pixels. Only
+      strips reach that limit: small outputs more elongated than 4:1, or larger ones whose short side is below half
+      the native size.
+    - Thin outputs (banners, panorama strips) would blow up that way (a 400x6 output became a 34,176x512 canvas).
+      They are scaled by at most what brings their long side to ``native_size``, and their short side is reached by
+      reflection padding instead; where even that canvas would exceed the limit, the short side is padded only as
+      far as the limit allows (at least to ``multiple``).
+
+    The result size is exact in every case: the decoded canvas is cropped to ``work_size`` and resized to
+    ``output_size``.
+
+    Raises:
+        ValueError: for a non-positive size or upscale, or an output so thin and long that even its smallest canvas
+            (each side rounded up to ``multiple``) exceeds the limit.
     """
     height, width = (int(s) for s in input_size)
     if height < 1 or width < 1:
@@ -545,7 +569,33 @@ def working_canvas(input_size: tuple[int, int], upscale: float, native_size: int
     if not (isinstance(upscale, (int, float)) and upscale > 0 and math.isfinite(upscale)):
         raise ValueError(f"upscale must be a positive number, got {upscale!r}")
     out_h, out_w = max(1, round(height * upscale)), max(1, round(width * upscale))
+    limit = CANVAS_AREA_FACTOR * max(out_h * out_w, native_size * native_size)
+
+    def padded(work: tuple[int, int], short_target: int) -> tuple[int, int]:
+        h, w = work
+        if h <= w:
+            return _ceil_to(max(h, short_target), multiple), _ceil_to(w, multiple)
+        return _ceil_to(h, multiple), _ceil_to(max(w, short_target), multiple)
+
+    # The rule for ordinary images: scale the short side up to the native size.
     scale = max(1.0, native_size / min(out_h, out_w))
-    work_h, work_w = round(out_h * scale), round(out_w * scale)
-    padded = (work_h + (-work_h) % multiple, work_w + (-work_w) % multiple)
-    return Canvas((out_h, out_w), (work_h, work_w), padded)
+    work = (round(out_h * scale), round(out_w * scale))
+    canvas = Canvas((out_h, out_w), work, padded(work, 0))
+    if canvas.area <= limit:
+        return canvas
+
+    # Thin images: scale at most until the long side is native, then pad the short side towards the native size.
+    scale = max(1.0, min(native_size / min(out_h, out_w), native_size / max(out_h, out_w)))
+    work = (round(out_h * scale), round(out_w * scale))
+    short, long_padded = min(work), _ceil_to(max(work), multiple)
+    target = native_size
+    if _ceil_to(max(short, target), multiple) * long_padded > limit:
+        target = (limit // long_padded) // multiple * multiple  # as far as the limit allows
+    canvas = Canvas((out_h, out_w), work, padded(work, target))
+    if canvas.area > limit:
+        raise ValueError(
+            f"an output of {out_w}x{out_h} pixels is too thin to restore: even its smallest canvas "
+            f"({canvas.padded_size[1]}x{canvas.padded_size[0]}) is more than {CANVAS_AREA_FACTOR}x the larger of "
+            f"its area and {native_size}x{native_size}. Crop it into shorter pieces, or upscale it more"
+        )
+    return canvas

@@ -3,9 +3,16 @@
 ``--model`` (CLI), ``stablesr ui`` and Python callers all come through [`load_pipeline`]:
 
 - a converted folder (``model_index.json``; ``stablesr convert`` makes one);
-- an official Lightning ``.ckpt`` (with the CFW ``.ckpt``), converted in memory;
+- an official Lightning ``.ckpt`` (with the CFW ``.ckpt``), converted once and cached by content: the SHA-256 of both
+  files (remembered per path, size and mtime in ``file_hashes.json``, so a 6.5 GB file is hashed once) names the
+  cached folder ``converted/<key>``, which is written atomically;
 - a Hub id: the official release (``Iceclear/StableSR``: two Lightning files, downloaded once, converted once and
-  cached under ``$STABLESR_CACHE`` or ``~/.cache/stablesr``) or a converted folder on the Hub.
+  cached) or a converted folder on the Hub.
+
+Caches live under ``$STABLESR_CACHE`` or ``~/.cache/stablesr`` ([`cache_dir`]). A local converted folder is checked
+before and after ``from_pretrained`` ([`check_model_folder`]). A missing component, a truncated or corrupt safetensors
+file, pickle weights where safetensors are expected (never opened) and a config that disagrees with its weights each
+give one line that names the file. A cached conversion that fails the check is converted again.
 
 Every failure a user can fix raises [`ModelLoadError`] (a `ValueError`) whose message names the problem and the fix.
 The allowed dtype names ([`DTYPES`]) and device names ([`resolve_device`]) are defined here, once.
@@ -13,6 +20,9 @@ The allowed dtype names ([`DTYPES`]) and device names ([`resolve_device`]) are d
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import json
 import os
 from pathlib import Path
 
@@ -27,6 +37,8 @@ __all__ = [
     "LONG_DTYPE_NAMES",
     "ModelLoadError",
     "cache_dir",
+    "check_model_folder",
+    "file_sha256",
     "load_pipeline",
     "resolve_device",
     "torch_dtype",
@@ -41,6 +53,14 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LONG_DTYPE_NAMES = tuple(DTYPES.values())
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps"
 _CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+# Weight files that are pickles: never opened in a model folder (unpickling can run code).
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Modules a model_index.json may name (importing any other module could run code).
+_TRUSTED_LIBRARIES = ("diffusers", "transformers", "stablesr")
+_FIX = "re-convert with `stablesr convert` or download the model folder again"
+# Bump when the converter's output for the same input files changes, so old cached conversions are not reused.
+_CONVERSION_CACHE_VERSION = 1
+_HASH_CHUNK = 8 * 1024 * 1024
 
 
 class ModelLoadError(ValueError):
@@ -97,29 +117,254 @@ def load_pipeline(model: str = DEFAULT_MODEL, cfw: str | None = None, device: st
         dtype: "fp32", "fp16" or "bf16".
 
     Raises:
-        [`ModelLoadError`]: a folder that is not a converted model, a missing file, or a Hub model that cannot be
-            fetched (offline, not cached).
+        [`ModelLoadError`]: a folder that is not a converted model or is broken (see [`check_model_folder`]), a
+            missing file, or a Hub model that cannot be fetched (offline, not cached).
     """
-    from .conversion import convert_stablesr_checkpoint
-    from .pipelines.pipeline_stablesr import StableSRPipeline
-
     dtype_ = torch_dtype(dtype)
     path = Path(model)
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"{path} is a folder but not a converted StableSR model (no model_index.json); convert the official "
-                "checkpoints with `stablesr convert`"
-            )
-        pipe = StableSRPipeline.from_pretrained(path, dtype=dtype_)
+        pipe = _load_folder(path, dtype_)
     elif path.is_file():
-        pipe, _ = convert_stablesr_checkpoint(path, cfw)
-        pipe = pipe.to(dtype=dtype_)
+        pipe = _pipeline_from_checkpoint(path, cfw, dtype_)
     elif path.suffix in _CHECKPOINT_SUFFIXES or model.startswith((".", "/")):
         raise ModelLoadError(f"model {model} does not exist")
     else:
         pipe = _pipeline_from_hub(model, dtype_)
     return pipe.to(resolve_device(device))
+
+
+# ------------------------------------------------------------------------------------------- converted folders
+def check_model_folder(path: str | os.PathLike) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Check a converted model folder without loading any weights; returns ``{component: {tensor: shape}}``.
+
+    Every component listed in ``model_index.json`` needs its folder and config, and models need safetensors
+    weights whose header agrees with the file size. Only headers are read. Pickle weights are never opened.
+
+    Raises:
+        [`ModelLoadError`]: one line naming the file, what is wrong with it and what to do.
+    """
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{path} is a folder but not a converted StableSR model (no model_index.json); convert the official "
+            "checkpoints with `stablesr convert`"
+        )
+    shapes = {}
+    for name, (library, class_name) in _components(index_file).items():
+        folder = path / name
+        if not folder.is_dir():
+            raise ModelLoadError(f"{folder}: missing (model_index.json lists {name}, a {class_name}); {_FIX}")
+        if class_name.endswith("Scheduler"):
+            _read_json(folder / "scheduler_config.json")
+        elif not any(word in class_name for word in ("Tokenizer", "Processor", "FeatureExtractor")):
+            _read_json(folder / "config.json")
+            shapes[name] = _weight_shapes(folder, "model" if library == "transformers" else "diffusion_pytorch_model")
+    return shapes
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: missing; {_FIX}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelLoadError(f"{file}: not readable JSON ({str(err).splitlines()[0]}); {_FIX}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: not a JSON object; {_FIX}")
+    return data
+
+
+def _components(index_file: Path) -> dict[str, tuple[str, str]]:
+    """``{name: (library, class name)}`` of the components model_index.json lists (absent optional ones skipped)."""
+    found = {}
+    for name, entry in _read_json(index_file).items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or None in entry:
+            continue
+        library, class_name = entry
+        trusted = isinstance(library, str) and library.split(".")[0] in _TRUSTED_LIBRARIES
+        if not trusted or not isinstance(class_name, str):
+            raise ModelLoadError(
+                f"{index_file}: {name} names {library}.{class_name}; only diffusers, transformers and stablesr "
+                f"classes are loaded (importing other modules could run code); {_FIX}"
+            )
+        found[name] = (library, class_name)
+    return found
+
+
+def _weight_shapes(folder: Path, stem: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a component's safetensors weights (one file, or the shards its index file lists)."""
+    from .checkpoint_io import CheckpointError, safetensors_header
+
+    index_file = folder / f"{stem}.safetensors.index.json"
+    if index_file.is_file():
+        files = [folder / name for name in sorted(set(_read_json(index_file).get("weight_map", {}).values()))]
+    else:
+        files = [folder / f"{stem}.safetensors"]
+    for file in files:
+        if file.is_file():
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{folder / pickles[0]}: pickle weights where {file.name} is expected; pickles are never loaded "
+                f"(unpickling can run code): {_FIX}"
+            )
+        raise ModelLoadError(f"{file}: missing (the weights of {folder.name}); {_FIX}")
+    shapes = {}
+    for file in files:
+        try:
+            header = safetensors_header(file)
+        except CheckpointError as err:
+            raise ModelLoadError(f"{err}; {_FIX}") from None
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _load_folder(path: Path, dtype):
+    """``StableSRPipeline.from_pretrained`` of a local folder, checked before and after (see [`check_model_folder`])."""
+    from .pipelines.pipeline_stablesr import StableSRPipeline
+
+    shapes = check_model_folder(path)
+    components = _components(path / "model_index.json")
+    try:
+        pipe = StableSRPipeline.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except Exception as err:  # diffusers raises many types: name the file when a config/weights check can
+        for name, on_disk in shapes.items():
+            _check_weights_fit(path, name, on_disk, _empty_state_dict(path, name, *components[name]))
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"{path}: cannot load the model ({type(err).__name__}: {first}); {_FIX}") from err
+    # diffusers ignores tensors the config has no place for and may leave missing ones randomly initialised with
+    # only a warning: compare what was built with what is on disk. (transformers renames keys on load and checks
+    # its own.)
+    for name, on_disk in shapes.items():
+        if components[name][0] != "transformers":
+            _check_weights_fit(path, name, on_disk, getattr(pipe, name).state_dict())
+    return pipe
+
+
+def _empty_state_dict(path: Path, name: str, library: str, class_name: str) -> dict:
+    """The state dict (meta tensors) of component ``name`` built from its config; {} for transformers models."""
+    from accelerate import init_empty_weights
+
+    if library == "transformers":
+        return {}
+    cls = getattr(importlib.import_module(library), class_name)
+    try:
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(path / name))
+    except Exception as err:  # a config the class rejects
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"{path / name / 'config.json'}: {class_name} rejects it ({first}); {_FIX}") from err
+    return model.state_dict()
+
+
+def _check_weights_fit(path: Path, name: str, on_disk: dict[str, tuple[int, ...]], expected: dict) -> None:
+    """One-line error when the tensors on disk do not fit the model built from the config (``expected``)."""
+    if not expected:
+        return
+
+    def count(n: int) -> str:
+        return f"{n} tensor{'s' if n != 1 else ''}"
+
+    renames = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."))
+    disk = {}
+    for key, shape in on_disk.items():
+        for old, new in renames:  # old diffusers attention names, which diffusers renames on load
+            key = key.replace(old, new)
+        disk[key] = shape
+    model = {k: tuple(v.shape) for k, v in expected.items()}
+    wrong = sorted(k for k in model.keys() & disk.keys() if model[k] != disk[k])
+    missing = sorted(model.keys() - disk.keys())
+    unexpected = sorted(disk.keys() - model.keys())
+    if wrong:
+        problem = (
+            f"{wrong[0]} is {list(disk[wrong[0]])} in the weights but {list(model[wrong[0]])} by the config "
+            f"({count(len(wrong))} differ)"
+        )
+    elif missing:
+        problem = f"the weights lack {missing[0]} ({count(len(missing))} the config needs)"
+    elif unexpected:
+        problem = f"the weights hold {unexpected[0]}, which the config has no place for ({count(len(unexpected))})"
+    else:
+        return
+    raise ModelLoadError(
+        f"{path / name / 'config.json'} disagrees with the weights next to it: {problem}. The config or the weights "
+        f"were edited, or they come from different models: {_FIX}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint files
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 8 MiB chunks. It is remembered in ``cache_dir()/file_hashes.json`` by (absolute
+    path, size, mtime), so an unchanged multi-GB checkpoint is hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    record_file = cache_dir() / "file_hashes.json"
+    try:
+        records = json.loads(record_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        records = {}
+    records = records if isinstance(records, dict) else {}
+    known = records.get(str(path))
+    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return known["sha256"]
+    digest = _hash_file(path)
+    records = {k: v for k, v in records.items() if os.path.exists(k)}
+    records[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    try:
+        from .file_utils import atomic_write_text
+
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record_file, json.dumps(records, indent=1))
+    except OSError as err:
+        logger.warning(
+            f"could not record the hash of {path.name} in {record_file} ({err}); it is hashed again next run"
+        )
+    return digest
+
+
+def _hash_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _pipeline_from_checkpoint(path: Path, cfw: str | None, dtype):
+    """An official checkpoint (+ CFW checkpoint), converted once and cached under ``converted/<content key>``."""
+    from .conversion import checkpoint_name_hints, convert_stablesr_checkpoint, save_pipeline_atomically
+
+    cfw_path = Path(cfw) if cfw else None
+    if cfw_path is not None and not cfw_path.is_file():
+        raise ModelLoadError(f"CFW checkpoint {cfw} does not exist")
+    key_source = {
+        "version": _CONVERSION_CACHE_VERSION,
+        "checkpoint": file_sha256(path),
+        "cfw": file_sha256(cfw_path) if cfw_path is not None else None,
+        # The file name decides what the weights cannot (v-prediction, turbo default steps), so it is in the key.
+        "name_hints": checkpoint_name_hints(path),
+    }
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:32]
+    cached = cache_dir() / "converted" / key
+    if cached.exists():
+        try:
+            pipe = _load_folder(cached, dtype)
+            logger.info(f"{path.name}: using the cached conversion {cached}")
+            return pipe
+        except ModelLoadError as err:
+            logger.warning(f"the cached conversion of {path.name} is unusable ({err}); converting it again")
+    pipe, report = convert_stablesr_checkpoint(path, cfw_path)
+    logger.info(f"converted {path.name}\n{report.summary()}")
+    try:
+        save_pipeline_atomically(pipe, cached, overwrite=cached.exists())
+        logger.info(f"cached the converted model in {cached}")
+    except FileExistsError:
+        pass  # another process cached the same files meanwhile
+    except OSError as err:
+        logger.warning(f"could not cache the converted model in {cached} ({err}); it is converted again next run")
+    return pipe.to(dtype=dtype)
 
 
 def _pipeline_from_hub(repo_id: str, dtype):
@@ -131,7 +376,7 @@ def _pipeline_from_hub(repo_id: str, dtype):
 
     cached = cache_dir() / "converted" / repo_id.replace("/", "--")
     if (cached / "model_index.json").is_file():
-        return StableSRPipeline.from_pretrained(cached, dtype=dtype)
+        return _load_folder(cached, dtype)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
         if repo_id in HUB_FILES:
@@ -142,11 +387,11 @@ def _pipeline_from_hub(repo_id: str, dtype):
             pipe, report = convert_stablesr_checkpoint(ckpt, cfw)
             save_pipeline_atomically(pipe, cached)
             logger.info(f"converted and cached in {cached}\n{report.summary()}")
-            return StableSRPipeline.from_pretrained(cached, dtype=dtype)
+            return _load_folder(cached, dtype)
         files = list_repo_files(repo_id)
         if "model_index.json" not in files:
             raise ModelLoadError(f"{repo_id} is not a converted StableSR model on the Hub (no model_index.json)")
-        return StableSRPipeline.from_pretrained(repo_id, dtype=dtype)
+        return StableSRPipeline.from_pretrained(repo_id, dtype=dtype, use_safetensors=True)
     except (LocalEntryNotFoundError, OSError) as err:
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         raise ModelLoadError(

@@ -1,8 +1,8 @@
 """What the StableSR training scripts share: checkpoint folders, save/load hook dispatch, TrainState, seeding, YAML.
 
 Checkpoints are ``{output_dir}/checkpoint-{step}`` folders written by ``accelerator.save_state`` into
-``checkpoint-{step}.tmp`` and renamed into place only when every process has finished writing, so a crash or a kill
-never leaves a half-written ``checkpoint-N`` that ``--resume_from_checkpoint latest`` would pick.
+``checkpoint-{step}.tmp`` and renamed into place only when every process has finished writing, so a crash, a kill or
+a full disk never leaves a half-written ``checkpoint-N`` that ``--resume_from_checkpoint latest`` would pick.
 
 Randomness in the training step comes from generators re-seeded from ``(seed, purpose, epoch, position)``
 (:func:`make_generator`). A resumed run therefore needs no generator state beyond the restored step, and the draws
@@ -25,7 +25,7 @@ import torch
 import yaml
 from diffusers.utils import logging
 
-from .file_utils import fsync_dir
+from .file_utils import as_disk_full, fsync_tree, replace_dir
 
 logger = logging.get_logger(__name__)
 
@@ -183,31 +183,49 @@ def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
-    """Remove ``checkpoint-N.tmp`` folders left by a run that died while saving."""
+    """Remove ``checkpoint-N.tmp`` folders left by a run that died while saving (and hidden ``.checkpoint-N.old-*``
+    folders left by one that died while replacing a checkpoint of the same step)."""
     root = Path(output_dir)
     if root.is_dir():
-        for p in root.glob(f"{CHECKPOINT_PREFIX}*{_TMP_SUFFIX}"):
+        for p in [*root.glob(f"{CHECKPOINT_PREFIX}*{_TMP_SUFFIX}"), *root.glob(f".{CHECKPOINT_PREFIX}*{_TMP_SUFFIX}")]:
             logger.warning(f"removing incomplete checkpoint {p} (the run that wrote it stopped while saving)")
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _folder_bytes(folder: Path | None) -> int | None:
+    if folder is None:
+        return None
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None = None) -> Path:
     """``accelerator.save_state`` into ``checkpoint-{step}.tmp``, then rename to ``checkpoint-{step}`` and rotate.
 
-    Every process writes its own RNG file, so the rename waits for all of them. Call on every process.
+    Every process writes its own RNG file, so the rename waits for all of them. Call on every process. Older
+    checkpoints are rotated out only after the new one is complete and flushed to disk, so a save that fails (full
+    disk) or is killed leaves the previous checkpoints as they were and no ``checkpoint-{step}``; a failed save
+    removes its ``.tmp`` folder on the main process, and no room to write raises
+    [`~stablesr.file_utils.DiskFullError`] naming the checkpoint and about how much it needs (the size of the
+    previous checkpoint).
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + _TMP_SUFFIX)
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as err:
+        full = as_disk_full(err, final, needed=_folder_bytes(latest_checkpoint(output_dir)), partial=tmp)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from err
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        fsync_tree(tmp)
+        replace_dir(tmp, final, overwrite=True)
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"saved state to {final}")
     accelerator.wait_for_everyone()

@@ -14,15 +14,78 @@ instead of 2.25x). They overlap and are blended with linear ramps ([`stablesr.ti
 statistics are per tile, so tiled results differ slightly from untiled ones (measured in the tests as PSNR; smaller
 tiles differ a little more: 14.6 vs 15.2 dB on the random test VAE, diffusers' tiled VAE 14.3 dB); images that fit
 in one tile take the exact untiled path.
+
+Out of memory on the GPU: [`with_smaller_tiles`] runs an encode or decode again with half the tile (an untiled pass
+becomes tiles of half the image), down to [`MIN_TILE_SIZE`] pixels, with a warning each time. The retry starts the
+pass over, so its result is exactly that of a run started with the smaller tile.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.utils import logging
 
 from .models.cfw import CFWAdapter
 from .tiling import blend_weights, pixel_tile_grid
+
+logger = logging.get_logger(__name__)
+
+# Smallest VAE tile (pixels) the out-of-memory fallback goes down to; smaller tiles blend visibly worse.
+MIN_TILE_SIZE = 128
+T = TypeVar("T")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an accelerator out-of-memory error (CUDA's ``torch.OutOfMemoryError``, or MPS's)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "MPS backend out of memory" in str(err)
+    )
+
+
+def release_cached_memory() -> None:
+    """Hand the allocator's cached blocks back after an out-of-memory error (CUDA only; a no-op elsewhere)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_smaller_tiles(
+    run: Callable[[int | None, int], T],
+    height: int,
+    width: int,
+    tile_size: int | None,
+    tile_overlap: int,
+    factor: int,
+    what: str,
+) -> T:
+    """``run(tile_size, tile_overlap)``, run again with half the tile after each out-of-memory error.
+
+    An untiled pass (the image fits ``tile_size``, or ``tile_size`` is None) is retried with tiles of half the
+    image's longer side. Each retry logs a warning. Below [`MIN_TILE_SIZE`] pixels it gives up with an error naming
+    the settings to lower. ``what`` names the pass in messages ("VAE decode").
+    """
+    while True:
+        try:
+            return run(tile_size, tile_overlap)
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(err):
+                raise
+        # Outside the except block: the failed attempt's tensors (held by the traceback) are released by now.
+        release_cached_memory()
+        current = max(height, width) if fits_one_tile(height, width, tile_size) else tile_size
+        smaller = current // 2 // factor * factor
+        if smaller < MIN_TILE_SIZE:
+            raise torch.OutOfMemoryError(
+                f"out of memory in the {what} even with {current}-px tiles (the fallback stops at {MIN_TILE_SIZE} "
+                "px): use --dtype fp16 or bf16, a smaller --upscale or input, or free GPU memory"
+            )
+        logger.warning(
+            f"out of memory in the {what} with {'no tiles' if current != tile_size else f'{current}-px tiles'}; "
+            f"retrying with {smaller}-px tiles (pass vae_tile_size={smaller}, CLI --vae-tile-size {smaller}, to "
+            "start there)"
+        )
+        tile_size, tile_overlap = smaller, min(tile_overlap, smaller // 2 // factor * factor)
 
 
 def _vae_factor(vae: AutoencoderKL) -> int:

@@ -343,14 +343,63 @@ def test_fusion_runs_in_adapter_dtype(vae_and_adapter, tiny_cases):
     assert_close_rel(image, reference, name="float64 vs float32 fusion")
 
 
-def test_fusion_block_forward_formula():
+def _official_fusion(params: dict, prefix: str, enc_feat, dec_feat, w, num_rrdb):
+    """IceClear/StableSR ``Fuse_sft_block_RRDB.forward`` written out with plain torch ops on a state dict:
+    ``dec + w * ResBlock_3(RRDB^n(ResBlock_1(cat[enc, dec])))``. ResBlock (``model.py:ResBlock``): GN(32, eps 1e-6) ->
+    x * sigmoid(x) -> conv3x3 -> GN -> x * sigmoid(x) -> conv3x3, plus a 1x1 ``conv_out`` skip when the widths differ.
+    BasicSR RRDB: three dense blocks (conv1..4 each on the concat of all previous outputs, LeakyReLU 0.2; conv5 on
+    the concat, output conv5 * 0.2 + x), then rdb3(rdb2(rdb1(x))) * 0.2 + x."""
+    P = lambda name: params[prefix + name]  # noqa: E731
+    conv3 = lambda x, name: torch.nn.functional.conv2d(x, P(name + ".weight"), P(name + ".bias"), padding=1)  # noqa: E731
+
+    def swish(x):
+        return x * torch.sigmoid(x)
+
+    def res_block(x, name):
+        h = torch.nn.functional.group_norm(x, 32, P(name + ".norm1.weight"), P(name + ".norm1.bias"), eps=1e-6)
+        h = conv3(swish(h), name + ".conv1")
+        h = torch.nn.functional.group_norm(h, 32, P(name + ".norm2.weight"), P(name + ".norm2.bias"), eps=1e-6)
+        h = conv3(swish(h), name + ".conv2")
+        if prefix + name + ".conv_out.weight" in params:
+            x = torch.nn.functional.conv2d(x, P(name + ".conv_out.weight"), P(name + ".conv_out.bias"))
+        return x + h
+
+    def dense_block(x, name):
+        outs = [x]
+        for i in range(1, 5):
+            outs.append(torch.nn.functional.leaky_relu(conv3(torch.cat(outs, 1), f"{name}.conv{i}"), 0.2))
+        return conv3(torch.cat(outs, 1), f"{name}.conv5") * 0.2 + x
+
+    h = res_block(torch.cat([enc_feat, dec_feat], 1), "encode_enc_1")
+    for i in range(num_rrdb):
+        rrdb_in = h
+        for j in (1, 2, 3):
+            h = dense_block(h, f"encode_enc_2.{i}.rdb{j}")
+        h = h * 0.2 + rrdb_in
+    return dec_feat + w * res_block(h, "encode_enc_3")
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_fusion_block_matches_official_formula(official, w):
+    """CFWFusionBlock vs the official fusion formula written out independently (float64): a random block with every
+    parameter redrawn (so the small RDB init hides no path) and the official tiny checkpoint's fusion_layer_1 and 2.
+    Bound 1e-10 relative; measured <= 3e-15 (float64 reassociation)."""
     torch.manual_seed(0)
-    block = CFWFusionBlock(32, num_rrdb=1)
-    enc, dec = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
-    residual = block.residual(enc, dec)
-    assert torch.allclose(block(enc, dec, 0.3), dec + 0.3 * residual)
-    # Official concat order is [enc_feat, dec_feat]: swapping the inputs changes the result.
-    assert not torch.allclose(block.residual(dec, enc), residual)
+    block = CFWFusionBlock(32, num_rrdb=2).double()
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            param.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+    _, adapter, _ = official
+    for fusion in (block, *(copy.deepcopy(adapter.fusion_layer(level)).double() for level in (1, 2))):
+        params = dict(fusion.state_dict())
+        num_rrdb = len({key.split(".")[1] for key in params if key.startswith("encode_enc_2.")})
+        assert num_rrdb == 2  # official num_block
+        channels = params["encode_enc_3.conv2.weight"].shape[0]
+        enc, dec = (torch.randn(2, channels, 8, 6, dtype=torch.float64) for _ in range(2))
+        expected = _official_fusion(params, "", enc, dec, w, num_rrdb)
+        with torch.no_grad():
+            actual = fusion(enc, dec, w)
+        assert_close_rel(actual, expected, rtol=1e-10, atol=1e-12, name=f"CFW fusion formula w={w}")
 
 
 def test_from_scratch_init_matches_basicsr():

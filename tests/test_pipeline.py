@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 from PIL import Image
 from skimage import data
 
@@ -97,29 +96,6 @@ def test_alpha_and_grayscale_inputs(pipe):
     assert out[1].mode == "RGB" and out[1].size == (112, 80)
 
 
-@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler])
-def test_other_diffusers_schedulers(pipe, scheduler_cls):
-    original = pipe.scheduler
-    try:
-        pipe.scheduler = scheduler_cls.from_config(original.config)
-        out = pipe(photo(), upscale=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                   output_type="np")
-        assert out.images.shape == (1, 80, 112, 3) and np.isfinite(out.images).all()
-    finally:
-        pipe.scheduler = original
-
-
-def test_bf16_and_noise_start_run(pipe):
-    out = pipe(photo(), upscale=2, num_inference_steps=1, start="noise", output_type="pt")
-    assert out.images.shape == (1, 3, 80, 112)
-    bf16 = pipe.to(dtype=torch.bfloat16)
-    try:
-        out = bf16(photo(), upscale=2, num_inference_steps=1, output_type="pt")
-        assert torch.isfinite(out.images).all()
-    finally:
-        pipe.to(dtype=torch.float32)
-
-
 def test_bad_arguments_are_clear(pipe):
     with pytest.raises(ValueError, match="fidelity_weight"):
         pipe(photo(), fidelity_weight=1.5)
@@ -129,3 +105,26 @@ def test_bad_arguments_are_clear(pipe):
         pipe(photo(), upscale=0)
     with pytest.raises(ValueError, match="tile_overlap"):
         pipe(photo(), tile_size=16, tile_overlap=16)
+
+
+def test_bf16_close_to_fp32(pipe, small_pipeline_dir):
+    """The whole pipeline loaded in bfloat16 (VAE encode, encoder, UNet + SFT; the scheduler runs in float32), same
+    seed, 2 DDPM steps at the smallest canvas (128 px): final latents within 6 % relative L2 of the float32 run
+    (measured 2.0 %; another seed differs by ~137 %). Latents only: a bf16 CFW decode takes ~90 s on a CPU.
+    A separate bf16 copy, since casting the shared float32 pipeline there and back would round its weights."""
+    image = Image.fromarray(data.astronaut()[100:228:4, 150:278:4])  # 32 x 32 -> x4 = the 128 px native size
+
+    def run(p, seed):
+        out = p(image, upscale=4, num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(seed))
+        return out.latents[0].double()
+
+    bf16_pipe = StableSRPipeline.from_pretrained(small_pipeline_dir, torch_dtype=torch.bfloat16)
+    bf16_pipe.set_progress_bar_config(disable=True)
+    assert bf16_pipe.unet.dtype == bf16_pipe.vae.dtype == bf16_pipe.time_aware_encoder.dtype == torch.bfloat16
+    fp32, other_seed, bf16 = run(pipe, 0), run(pipe, 1), run(bf16_pipe, 0)
+    error = ((bf16 - fp32).norm() / fp32.norm()).item()
+    seed_change = ((other_seed - fp32).norm() / fp32.norm()).item()
+    print(f"bf16 vs fp32 latents: relative L2 {error:.3e} (another seed: {seed_change:.2f})")
+    assert error <= 0.06
+    assert seed_change > 0.5

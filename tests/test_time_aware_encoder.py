@@ -85,19 +85,51 @@ def test_save_load_round_trip_and_determinism(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_gradient_checkpointing_same_grads():
+def test_gradient_checkpointing_is_on_and_gives_the_same_grads(monkeypatch):
+    """Checkpointing really runs: every input block, the middle block and every feature head go through
+    torch.utils.checkpoint (12 + 1 + 4 calls for this encoder; none without it, none under no_grad), and the
+    forward keeps far fewer activations for backward (saved-tensor bytes seen by an outer saved_tensors_hooks:
+    bound <= 25 %, measured 8.4 %: 0.55 MB vs 6.5 MB). Gradients stay equal (1e-5 relative)."""
+    import torch.utils.checkpoint as checkpoint_module
+
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
-    grads = []
+    checkpoint = checkpoint_module.checkpoint
+    calls = []
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "checkpoint", counting_checkpoint)
+    grads, saved_bytes, num_calls = [], [], []
     for ckpt in (False, True):
         enc = tiny_encoder()
         enc.train()
         if ckpt:
             enc.enable_gradient_checkpointing()
-        loss = sum(f.square().mean() for f in enc(x, t).features)
+        calls.clear()
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = sum(f.square().mean() for f in enc(x, t).features)
+        num_calls.append(len(calls))
+        saved_bytes.append(sum(saved))
         loss.backward()
         grads.append([p.grad.clone() for p in enc.parameters()])
+    expected_calls = len(enc.input_blocks) + 1 + enc.num_levels
+    print(f"checkpoint calls {num_calls}, saved bytes {saved_bytes} ({saved_bytes[1] / saved_bytes[0]:.1%})")
+    assert num_calls == [0, expected_calls]
+    assert saved_bytes[1] <= 0.25 * saved_bytes[0]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    with torch.no_grad():
+        enc(x, t)
+    assert calls == []  # inference never checkpoints
 
 
 def test_official_vectors_c1(converted_tiny, tiny_cases):

@@ -95,12 +95,14 @@ def test_save_checkpoint_is_atomic_and_rotates(tmp_path):
         final = save_checkpoint(_FakeAccelerator(), tmp_path, step, total_limit=2)
         assert final == tmp_path / f"checkpoint-{step}" and (final / "random_states_0.pkl").is_file()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-    # A save that dies half-way leaves only checkpoint-4.tmp, which resuming never picks.
+    # A save that fails half-way removes its checkpoint-4.tmp and leaves the older checkpoints as they were.
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(_FakeAccelerator(fail=True), tmp_path, 4, total_limit=2)
-    assert (tmp_path / "checkpoint-4.tmp").is_dir() and not (tmp_path / "checkpoint-4").exists()
+    assert not (tmp_path / "checkpoint-4.tmp").exists() and not (tmp_path / "checkpoint-4").exists()
     assert resolve_resume_path(tmp_path, "latest").name == "checkpoint-3"
-    # The next save of that step replaces the leftover.
+    # A save killed half-way leaves checkpoint-4.tmp, which resuming never picks; the next save of that step
+    # replaces the leftover.
+    _make(tmp_path, "checkpoint-4.tmp")
     save_checkpoint(_FakeAccelerator(), tmp_path, 4, total_limit=2)
     assert not (tmp_path / "checkpoint-4.tmp").exists()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]

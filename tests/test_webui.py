@@ -12,14 +12,17 @@ import argparse
 import concurrent.futures as cf
 import gc
 import io
+import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -107,6 +110,72 @@ def _serve(demo):
     return f"http://127.0.0.1:{port}/"
 
 
+class RawApi:
+    """The app's HTTP API without gradio_client: upload, join the queue, read the event stream (all bounded in time).
+
+    Each call names its ``session_hash``: one hash is one browser session.
+    """
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.url = url
+        self.http = httpx.Client(timeout=30)
+        config = self.http.get(url + "config").json()
+        self.fns = {d["api_name"]: (d["id"], d["targets"][0][0], len(d["inputs"])) for d in config["dependencies"]}
+
+    def upload(self, path) -> str:
+        with open(path, "rb") as fh:
+            r = self.http.post(self.url + "gradio_api/upload", files={"files": (Path(path).name, fh, "image/png")})
+        r.raise_for_status()
+        return r.json()[0]
+
+    def restore_args(self, image, upscale=2, steps=1, fidelity=0.5, seed=7):
+        """The inputs of /restore; ``image`` is a server path or a FileData dict (e.g. with a data: URL)."""
+        if isinstance(image, str):
+            image = {"path": image, "meta": {"_type": "gradio.FileData"}, "orig_name": Path(image).name}
+        return [image, upscale, steps, "ddim", "wavelet", fidelity, seed, 0, 0.5]
+
+    def join(self, api_name: str, args: list, session_hash: str):
+        fn_index, trigger, n_inputs = self.fns[api_name]
+        data = list(args) + [None] * (n_inputs - len(args))  # the session gr.State: the server keeps its own
+        return self.http.post(self.url + "gradio_api/queue/join", json={
+            "data": data, "fn_index": fn_index, "trigger_id": trigger, "session_hash": session_hash,
+            "event_data": None})
+
+    def result(self, session_hash: str, timeout: float = 120) -> tuple[str, Any]:
+        """("ok", outputs) or ("error", message) of the session's event, read from its event stream."""
+        deadline = time.monotonic() + timeout
+        with self.http.stream("GET", self.url + "gradio_api/queue/data", params={"session_hash": session_hash},
+                              timeout=timeout) as stream:
+            for line in stream.iter_lines():
+                if time.monotonic() > deadline:
+                    break
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed":
+                    if msg.get("success"):
+                        return "ok", msg["output"]["data"]
+                    return "error", str(msg["output"].get("error"))
+        return "timeout", None
+
+    def call(self, api_name: str, args: list, session_hash: str | None = None, timeout: float = 120):
+        session_hash = session_hash or secrets.token_hex(8)
+        r = self.join(api_name, args, session_hash)
+        if r.status_code != 200:
+            return "refused", f"{r.status_code} {r.text}"
+        return self.result(session_hash, timeout)
+
+    def close(self):
+        self.http.close()
+
+
+def file_path_of(output) -> str:
+    """The server path of a file output (FileData dict) of the API."""
+    return output["path"]
+
+
 # ------------------------------------------------------------------------------------------------- no browser
 def test_limits_name_the_limit_and_the_fix():
     with pytest.raises(ValueError, match=r"300×200 = 60,000 pixels.*at most 40,000 pixels.*--max-upload-pixels 60000"):
@@ -121,9 +190,23 @@ def test_limits_name_the_limit_and_the_fix():
 
     with pytest.raises(ValueError, match=r"×4 gives 400×400.*Lower the upscale to ×3.16 or less.*--max-output-pixels 160000"):
         webui.check_output_size(Pipe(), 100, 100, 4, 100_000)
-    with pytest.raises(ValueError, match="aspect ratio is too extreme"):
-        webui.check_output_size(Pipe(), 1000, 2, 1, 100_000)  # short side sampled at 128 px: 64000x128 canvas
+    with pytest.raises(ValueError, match=r"sampled on a 256×128 canvas.*--max-output-pixels 32768"):
+        webui.check_output_size(Pipe(), 100, 50, 1, 20_000)  # short side scaled to the native 128 px
+    assert webui.check_output_size(Pipe(), 1000, 2, 1, 100_000) == (1000, 2)  # thin: padded, a 1024x64 canvas
     assert webui.check_output_size(Pipe(), 100, 50, 2, 100_000) == (200, 100)
+
+
+def test_byte_limit_reads_like_gradio_and_names_the_fix():
+    assert [webui.parse_file_size(v) for v in ("50mb", "500kb", "64 KB", "1gb", "10", 4096, None)] == [
+        50 * 2**20, 500 * 2**10, 64 * 2**10, 2**30, 10, 4096, None]
+    for bad in ("", "mb", "5xb", "-1mb", 0):
+        with pytest.raises(ValueError, match="max_file_size must be a positive"):
+            webui.parse_file_size(bad)
+    webui.check_file_bytes(65_536, 65_536)
+    webui.check_file_bytes(10**12, None)
+    expected = r"97.7 KiB \(100,000 bytes\).*at most 64 KiB \(65,536 bytes\).*--max-file-size 98kb"
+    with pytest.raises(ValueError, match=expected):
+        webui.check_file_bytes(100_000, 65_536)
 
 
 def test_ui_parser_and_missing_gradio_hint(monkeypatch, capsys):
@@ -132,9 +215,14 @@ def test_ui_parser_and_missing_gradio_hint(monkeypatch, capsys):
     args = parser.parse_args(["ui"])
     assert (args.host, args.port, args.share, args.concurrency) == ("127.0.0.1", 7860, False, 1)
     assert args.max_upload_pixels == webui.DEFAULT_MAX_UPLOAD_PIXELS and args.func is cli_ui.cmd_ui
+    assert (args.max_sessions, args.max_file_size) == (webui.DEFAULT_MAX_SESSIONS, webui.DEFAULT_MAX_FILE_SIZE)
     args = parser.parse_args(["ui", "--model", "m", "--port", "8000", "--share", "--max-upload-pixels", "1000",
                               "--concurrency", "2", "--device", "cpu", "--dtype", "bf16"])
     assert (args.model, args.port, args.share, args.max_upload_pixels, args.concurrency) == ("m", 8000, True, 1000, 2)
+    args.max_file_size = "lots"
+    with pytest.raises(CLIError, match=r"--max-file-size: .*such as 50mb"):
+        cli_ui.cmd_ui(args)  # refused before loading any model
+    args.max_file_size = webui.DEFAULT_MAX_FILE_SIZE
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
     with pytest.raises(CLIError, match=r"pip install 'stablesr\[ui\]'"):
@@ -289,33 +377,54 @@ def _fetch_image(page, src: str) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------- load
-def test_load_20_concurrent_requests_queue_bounded(request, photos):
+def test_api_errors_name_the_limit(request, photos):
+    """Bad requests through the API get clean errors that name the limit, before any sampling."""
     _need_gradio()
     ui_pipe = request.getfixturevalue("ui_pipe")
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
-    max_queue = 3
-    demo = webui.build_app(ui_pipe, max_upload_pixels=MAX_UPLOAD, concurrency_limit=1, max_queue=max_queue,
-                           default_steps=1, default_upscale=2)
+    demo = webui.build_app(ui_pipe, max_upload_pixels=MAX_UPLOAD, default_steps=1, default_upscale=2)
     stats = demo.stablesr_stats
     url = _serve(demo)
     args = (handle_file(str(photos / "cat.png")), 2, 1, "ddim", "wavelet", 0.5, 7, 0, 0.5)
-    n = 20
     try:
-        def client():
-            return Client(url, verbose=False, download_files=False, analytics_enabled=False)
-
-        # Bad requests through the API get clean errors that name the limit, before any sampling.
-        from gradio_client.exceptions import AppError
-
-        c = client()
+        c = Client(url, verbose=False, download_files=False, analytics_enabled=False)
         with pytest.raises(AppError, match=r"greater than maximum value 4"):  # Gradio checks slider ranges
             c.predict(args[0], 8, *args[2:], api_name="/restore")
         with pytest.raises(AppError, match=r"at most 40,000 pixels.*--max-upload-pixels 65536"):
             c.predict(handle_file(str(photos / "too_big.png")), *args[1:], api_name="/restore")
         assert stats.sampling_runs == 0 and stats.rejected == 1  # (the slider-range check is Gradio's own)
-        # Warm-up request, so the baseline includes everything loaded on first use.
-        c.predict(*args, api_name="/restore")
+        assert c.predict(*args, api_name="/restore")
+        assert stats.sampling_runs == 1
+    finally:
+        demo.close()
+        shutil.rmtree(demo.stablesr_tmpdir, ignore_errors=True)
+
+
+FLOOD = 200  # requests fired at once
+FLOOD_WORKERS = 32  # threads sending them (each refused request frees its thread at once)
+FLOOD_TIMEOUT_S = 240  # for the whole flood
+RSS_BOUND = 300 * 2**20  # the server's growth in resident memory during and after the flood
+
+
+def test_flood_200_requests_refuses_excess_and_memory_stays_bounded(request, photos):
+    """200 restore requests at once, each from its own session, against a queue of 4 and a cache of 2 sessions.
+
+    The excess is refused at once ("queue full", HTTP 503) and costs nothing; accepted requests sample exactly once
+    each; afterwards at most ``max_sessions`` sessions keep latents and PNGs; the server's RSS grows by less than
+    ``RSS_BOUND`` (300 MiB) at its peak and after, and it still serves.
+    """
+    _need_gradio()
+    ui_pipe = request.getfixturevalue("ui_pipe")
+    max_queue, max_sessions = 4, 2
+    demo = webui.build_app(ui_pipe, max_upload_pixels=MAX_UPLOAD, concurrency_limit=1, max_queue=max_queue,
+                           max_sessions=max_sessions, default_steps=1, default_upscale=2)
+    stats = demo.stablesr_stats
+    api = RawApi(_serve(demo))
+    try:
+        args = api.restore_args(api.upload(photos / "cat.png"))
+        assert api.call("restore", args)[0] == "ok"  # warm-up, so the baseline includes what first use loads
         gc.collect()
         baseline = _rss_bytes()
         peak = [baseline]
@@ -329,47 +438,59 @@ def test_load_20_concurrent_requests_queue_bounded(request, photos):
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         runs_before = stats.sampling_runs
-        with cf.ThreadPoolExecutor(n) as pool:
-            clients = list(pool.map(lambda _: client(), range(n)))
-            barrier = threading.Barrier(n)
+        barrier = threading.Barrier(FLOOD_WORKERS)
 
-            def one(c):
-                barrier.wait(timeout=60)
-                t0 = time.perf_counter()
-                try:
-                    c.submit(*args, api_name="/restore").result(timeout=120)
-                    return "ok", time.perf_counter() - t0, ""
-                except Exception as err:  # noqa: BLE001 - classified below
-                    return "error", time.perf_counter() - t0, f"{type(err).__name__}: {err}"
+        def one(i: int):
+            if i < FLOOD_WORKERS:
+                barrier.wait(timeout=60)  # the first wave leaves together
+            session_hash = secrets.token_hex(8)
+            r = api.join("restore", args, session_hash)
+            if r.status_code != 200:
+                return "refused", r.status_code, r.text
+            status, detail = api.result(session_hash, timeout=FLOOD_TIMEOUT_S)
+            return status, 200, detail
 
-            t_all = time.perf_counter()
-            futures = [pool.submit(one, c) for c in clients]
-            done, pending = cf.wait(futures, timeout=150)
-            elapsed = time.perf_counter() - t_all
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(FLOOD_WORKERS) as pool:
+            futures = [pool.submit(one, i) for i in range(FLOOD)]
+            done, pending = cf.wait(futures, timeout=FLOOD_TIMEOUT_S)
+            for f in pending:
+                f.cancel()
+        elapsed = time.perf_counter() - t0
         stop.set()
         sampler.join(5)
-        assert not pending, f"{len(pending)} requests neither completed nor were rejected within 150 s"
+        assert not pending, f"{len(pending)} requests neither completed nor were refused within {FLOOD_TIMEOUT_S} s"
         results = [f.result() for f in done]
         ok = [r for r in results if r[0] == "ok"]
-        full = [r for r in results if r[0] == "error" and "queue is full" in r[2].lower()]
-        other = [r for r in results if r[0] == "error" and r not in full]
+        refused = [r for r in results if r[0] == "refused"]
+        other = [r for r in results if r[0] not in ("ok", "refused")]
         gc.collect()
         after = _rss_bytes()
-        print(f"load: {len(ok)} completed, {len(full)} rejected (queue full), {len(other)} other errors in "
-              f"{elapsed:.1f} s; RSS baseline {baseline / 2**20:.0f} MiB, peak +{(peak[0] - baseline) / 2**20:.0f} "
-              f"MiB, after +{(after - baseline) / 2**20:.0f} MiB; sampling runs {stats.sampling_runs - runs_before}")
+        cached = len(demo.stablesr_sessions)
+        pngs = list((demo.stablesr_tmpdir / "sessions").rglob("*.png"))
+        TIMINGS.update(flood_accepted=len(ok), flood_refused=len(refused), flood_s=elapsed,
+                       flood_rss_baseline_mib=baseline / 2**20, flood_rss_peak_growth_mib=(peak[0] - baseline) / 2**20,
+                       flood_rss_after_growth_mib=(after - baseline) / 2**20)
+        print(f"flood: {len(ok)} accepted and completed, {len(refused)} refused, {len(other)} other in "
+              f"{elapsed:.1f} s; "
+              f"RSS baseline {baseline / 2**20:.0f} MiB, peak +{(peak[0] - baseline) / 2**20:.1f} MiB, after "
+              f"+{(after - baseline) / 2**20:.1f} MiB; sampling runs {stats.sampling_runs - runs_before}; "
+              f"{cached} sessions cached, {len(pngs)} PNGs kept")
         assert not other, other[:3]
-        assert len(ok) + len(full) == n
-        assert len(ok) >= 1 and len(full) >= 1, "20 simultaneous requests against a queue of 3 must reject some"
-        assert all(r[2].startswith("QueueError") for r in full), full[:2]  # a clean, typed rejection
+        assert len(ok) + len(refused) == FLOOD
+        assert len(ok) > max_sessions and len(refused) > FLOOD // 2, "the queue of 4 must refuse most of a flood"
+        assert all(code == 503 and "queue is full" in text.lower() for _, code, text in refused), refused[:2]
         assert stats.sampling_runs - runs_before == len(ok), "every accepted request sampled exactly once"
-        # Memory stays bounded: rejected requests cost nothing, accepted ones run one at a time.
-        bound = 300 * 2**20
-        assert peak[0] - baseline < bound, f"peak RSS grew by {(peak[0] - baseline) / 2**20:.0f} MiB (bound 300)"
-        assert after - baseline < bound
-        # The app still serves after the burst, and keeps two PNGs (input preview + result) per session at most.
-        assert client().submit(*args, api_name="/restore").result(timeout=90)
-        assert len(list(demo.stablesr_tmpdir.glob("*.png"))) <= 2 * (len(ok) + 2)
+        # Bounded: only the latest sessions keep latents and PNGs (two PNGs each), however many came.
+        assert cached <= max_sessions and len(pngs) <= 2 * max_sessions, (cached, len(pngs))
+        ours = demo.stablesr_tmpdir / "sessions"
+        alive = [o for o in gc.get_objects() if type(o) is webui._Session and o.folder.parent == ours]
+        assert sum(o.cached for o in alive) <= max_sessions, "dropped sessions must not keep their latents"
+        assert peak[0] - baseline < RSS_BOUND, f"peak RSS grew by {(peak[0] - baseline) / 2**20:.0f} MiB (bound 300)"
+        assert after - baseline < RSS_BOUND
+        # The app still serves after the flood.
+        assert api.call("restore", args)[0] == "ok"
     finally:
+        api.close()
         demo.close()
         shutil.rmtree(demo.stablesr_tmpdir, ignore_errors=True)

@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from ..file_utils import DiskFullError
+
     try:
         return args.func(args)
-    except (CLIError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (CLIError, DiskFullError, FileExistsError, FileNotFoundError, ValueError) as err:
         # User-fixable errors (library errors are ValueErrors that name the problem and the fix): no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -84,6 +84,11 @@ def cmd_fidelity_curve(args) -> int:
 
     device = resolve_device(args.device)
     pipe = pipeline_from_args(args)
+    if pipe.cfw_adapter is None:
+        raise CLIError(
+            f"{args.model} has no CFW, so every fidelity weight decodes to the same image and the curve is flat. "
+            "With an official .ckpt pass --cfw vqgan_cfw_00011.ckpt"
+        )
     pipe.set_progress_bar_config(leave=False, disable=args.quiet)
 
     out = Path(args.output)

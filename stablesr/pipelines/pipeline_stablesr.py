@@ -212,17 +212,23 @@ class StableSRPipeline(DiffusionPipeline):
 
         With ``return_cfw_features``: ``(latent, cfw_features)``, where ``cfw_features`` (for
         [`RestorationCondition`]) are the CFW encoder features of the same encoder pass when the image is encoded
-        untiled and a CFW adapter is loaded, else None; an untiled decode then does not encode the image again."""
+        untiled and a CFW adapter is loaded, else None; an untiled decode then does not encode the image again.
+
+        Out of memory on the GPU: encoded again with half the VAE tile, down to
+        [`~stablesr.vae_tiling.MIN_TILE_SIZE`] (see [`~stablesr.vae_tiling.with_smaller_tiles`])."""
         image = lq_image.to(self.vae.dtype)
-        cfw_features = None
-        if return_cfw_features and self.cfw_adapter is not None and vae_tiling.fits_one_tile(
-            *image.shape[-2:], vae_tile_size
-        ):
-            encoded = self.cfw_adapter.encode_features(self.vae, image)
-            mean, std = encoded.latent_dist.mean, encoded.latent_dist.std
-            cfw_features = tuple(encoded.encoder_features)
-        else:
-            mean, std = vae_tiling.encode_moments(self.vae, image, vae_tile_size, vae_tile_overlap)
+
+        def encode(tile_size, tile_overlap):
+            if return_cfw_features and self.cfw_adapter is not None and vae_tiling.fits_one_tile(
+                *image.shape[-2:], tile_size
+            ):
+                encoded = self.cfw_adapter.encode_features(self.vae, image)
+                return encoded.latent_dist.mean, encoded.latent_dist.std, tuple(encoded.encoder_features)
+            return (*vae_tiling.encode_moments(self.vae, image, tile_size, tile_overlap), None)
+
+        mean, std, cfw_features = vae_tiling.with_smaller_tiles(
+            encode, *image.shape[-2:], vae_tile_size, vae_tile_overlap, self.vae_scale_factor, "VAE encode"
+        )
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = (mean + std * noise) * self.vae.config.scaling_factor
         return (latents, cfw_features) if return_cfw_features else latents
@@ -242,32 +248,50 @@ class StableSRPipeline(DiffusionPipeline):
 
         Latents larger than ``tile_size`` are processed in overlapping tiles (each tile's encoder features come from
         the matching LQ-latent crop, as official) whose outputs are blended with the official Gaussian weights.
-        Requires the SFT adapter to be attached.
+        ``tile_batch_size`` tiles go through the encoder and UNet at once; out of memory on the GPU halves it (down
+        to one tile, with a warning) and the step goes on. Requires the SFT adapter to be attached.
         """
-        dtype = self.unet.dtype
+        out, tile_outputs, _ = self._model_output(
+            latents, timestep, lq_latents, prompt_embeds, tile_size, tile_overlap, tile_batch_size, return_tiles
+        )
+        return (out, tile_outputs) if return_tiles else out
+
+    def _model_output(
+        self, latents, timestep, lq_latents, prompt_embeds, tile_size, tile_overlap, tile_batch_size, return_tiles
+    ):
+        """[`predict_model_output`]'s work; also returns the tile batch size that fitted, for the next steps."""
+        if tile_batch_size < 1:
+            raise ValueError(f"tile_batch_size must be >= 1, got {tile_batch_size}")
         height, width = latents.shape[-2:]
         boxes = tile_grid(height, width, tile_size, tile_overlap)
-        t_model = timestep
         if len(boxes) == 1:
-            features = self.time_aware_encoder(lq_latents.to(dtype), t_model).features
-            self.sft_adapter.set_condition(features)
-            embeds = _batch_embeds(prompt_embeds, latents.shape[0])
-            out = self.unet(latents.to(dtype), t_model, encoder_hidden_states=embeds).sample.float()
-            return (out, [out]) if return_tiles else out
+            out = self._run_tiles(latents, timestep, lq_latents, prompt_embeds)
+            if out is None:
+                raise self._unet_out_of_memory(height, width, tile_size, untiled=True)
+            return out, ([out] if return_tiles else []), tile_batch_size
 
         accumulator = TileAccumulator(latents.shape, latents.device)
         weights = {}
         tile_outputs = []
         batch = latents.shape[0]
-        for start in range(0, len(boxes), tile_batch_size):
+        start = 0
+        while start < len(boxes):
             chunk = boxes[start : start + tile_batch_size]
             x = torch.cat([latents[..., y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
             lq = torch.cat([lq_latents[..., y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
-            embeds = _batch_embeds(prompt_embeds, x.shape[0])
-            t_tiles = t_model.repeat(len(chunk)) if t_model.ndim == 1 else t_model
-            features = self.time_aware_encoder(lq.to(dtype), t_tiles).features
-            self.sft_adapter.set_condition(features)
-            out = self.unet(x.to(dtype), t_tiles, encoder_hidden_states=embeds).sample.float()
+            t_tiles = timestep.repeat(len(chunk)) if timestep.ndim == 1 else timestep
+            out = self._run_tiles(x, t_tiles, lq, prompt_embeds)
+            del x, lq
+            if out is None:
+                if len(chunk) == 1:
+                    y0, y1, x0, x1 = chunk[0]
+                    raise self._unet_out_of_memory(y1 - y0, x1 - x0, tile_size)
+                tile_batch_size = (len(chunk) + 1) // 2
+                logger.warning(
+                    f"out of memory running {len(chunk)} tiles at once through the UNet; retrying with "
+                    f"tile_batch_size={tile_batch_size} (pass it from the start to skip this)"
+                )
+                continue
             for i, (y0, y1, x0, x1) in enumerate(chunk):
                 tile_out = out[i * batch : (i + 1) * batch]
                 key = (y1 - y0, x1 - x0)
@@ -276,8 +300,32 @@ class StableSRPipeline(DiffusionPipeline):
                 accumulator.add((y0, y1, x0, x1), tile_out, weights[key])
                 if return_tiles:
                     tile_outputs.append(tile_out)
-        out = accumulator.result()
-        return (out, tile_outputs) if return_tiles else out
+            start += len(chunk)
+        return accumulator.result(), tile_outputs, tile_batch_size
+
+    def _run_tiles(self, x, timestep, lq, prompt_embeds) -> torch.Tensor | None:
+        """Encoder + SFT + UNet on a batch of tiles (float32 output), or None when the accelerator ran out of memory."""
+        dtype = self.unet.dtype
+        try:
+            features = self.time_aware_encoder(lq.to(dtype), timestep).features
+            self.sft_adapter.set_condition(features)
+            embeds = _batch_embeds(prompt_embeds, x.shape[0])
+            return self.unet(x.to(dtype), timestep, encoder_hidden_states=embeds).sample.float()
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not vae_tiling.is_out_of_memory(err):
+                raise
+        # Outside the except block, so the failed attempt's activations are released.
+        self.sft_adapter.set_condition(None)
+        vae_tiling.release_cached_memory()
+        return None
+
+    @staticmethod
+    def _unet_out_of_memory(height: int, width: int, tile_size: int, untiled: bool = False) -> torch.OutOfMemoryError:
+        what = "the whole latent" if untiled else "one tile at a time"
+        return torch.OutOfMemoryError(
+            f"out of memory in the UNet with {what} ({height}x{width} latent pixels): lower tile_size "
+            f"(--tile-size, now {tile_size}), use --dtype fp16 or bf16, or free GPU memory"
+        )
 
     def denoise(
         self,
@@ -302,9 +350,10 @@ class StableSRPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 model_input = self.scheduler.scale_model_input(latents, t)
                 t_batch = t.expand(latents.shape[0]) if t.ndim == 0 else t
-                model_output = self.predict_model_output(
+                # A tile batch that ran out of memory stays halved for the remaining steps.
+                model_output, _, tile_batch_size = self._model_output(
                     model_input, t_batch.to(latents.device), lq_latents, prompt_embeds, tile_size, tile_overlap,
-                    tile_batch_size,
+                    tile_batch_size, False,
                 )
                 kwargs = {}
                 if variance_noise is not None:
@@ -338,9 +387,14 @@ class StableSRPipeline(DiffusionPipeline):
         lq_image = condition.lq_image.to(device=device, dtype=self.vae.dtype)
         raw = latents.to(device=device, dtype=self.vae.dtype) / self.vae.config.scaling_factor
         # An untiled decode fuses the condition's CFW features (from the LQ-latent encode) instead of encoding again.
-        image = vae_tiling.decode(
-            self.vae, raw, lq_image, self.cfw_adapter, fidelity_weight if self.cfw_adapter is not None else 0.0,
-            vae_tile_size, vae_tile_overlap, encoder_features=condition.cfw_features,
+        # Out of memory on the GPU: decoded again with half the VAE tile (vae_tiling.with_smaller_tiles).
+        weight = fidelity_weight if self.cfw_adapter is not None else 0.0
+        image = vae_tiling.with_smaller_tiles(
+            lambda tile_size, tile_overlap: vae_tiling.decode(
+                self.vae, raw, lq_image, self.cfw_adapter, weight, tile_size, tile_overlap,
+                encoder_features=condition.cfw_features,
+            ),
+            *lq_image.shape[-2:], vae_tile_size, vae_tile_overlap, self.vae_scale_factor, "VAE decode",
         ).float()
         image = apply_color_fix(image, lq_image.float(), color_fix)
         work_h, work_w = condition.work_size
@@ -438,7 +492,14 @@ class StableSRPipeline(DiffusionPipeline):
             # 3. Preprocess: bicubic upscale, pad; encode the LQ latent
             condition = self.prepare_condition(rgb, upscale, alpha)
             lq_image = condition.lq_image.to(device)
-            lq_latents = self.encode_condition(lq_image, gen, vae_tile_size, vae_tile_overlap).float()
+            # One encoder pass gives the LQ latent and (untiled, with CFW) the features the CFW decode fuses.
+            want_features = self.cfw_adapter is not None and (fidelity_weight > 0 or output_type == "latent")
+            encoded = self.encode_condition(lq_image, gen, vae_tile_size, vae_tile_overlap,
+                                            return_cfw_features=want_features)
+            lq_latents, cfw_features = encoded if want_features else (encoded, None)
+            lq_latents = lq_latents.float()
+            if cfw_features is not None:
+                condition = replace(condition, cfw_features=cfw_features)
 
             # 4. Timesteps and initial latents
             self.scheduler.set_timesteps(num_inference_steps, device=device)
