@@ -47,6 +47,8 @@ __all__ = [
 DEFAULT_MODEL = "Iceclear/StableSR"
 # The official release on the Hub is a pair of Lightning checkpoints, converted once and cached.
 HUB_FILES = {"Iceclear/StableSR": ("stablesr_000117.ckpt", "vqgan_cfw_00011.ckpt")}
+# Their prediction types, known from the official configs (the files do not say): no guess, no warning.
+_HUB_PREDICTION_TYPES = {"stablesr_000117.ckpt": "eps", "stablesr_768v_000139.ckpt": "v", "stablesr_turbo.ckpt": "eps"}
 # Short dtype names (CLI --dtype, web UI) -> torch dtype attribute names (the long names, which the training scripts
 # take as in diffusers' examples, are accepted too).
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -364,7 +366,8 @@ def _pipeline_from_checkpoint(path: Path, cfw: str | None, dtype):
         pass  # another process cached the same files meanwhile
     except OSError as err:
         logger.warning(f"could not cache the converted model in {cached} ({err}); it is converted again next run")
-    return pipe.to(dtype=dtype)
+    # Converted (and cached) in float32, the checkpoints' own precision.
+    return pipe if str(dtype) == "torch.float32" else pipe.to(dtype=dtype)
 
 
 def _pipeline_from_hub(repo_id: str, dtype):
@@ -375,8 +378,11 @@ def _pipeline_from_hub(repo_id: str, dtype):
     from .pipelines.pipeline_stablesr import StableSRPipeline
 
     cached = cache_dir() / "converted" / repo_id.replace("/", "--")
-    if (cached / "model_index.json").is_file():
-        return _load_folder(cached, dtype)
+    if cached.exists():
+        try:
+            return _load_folder(cached, dtype)
+        except ModelLoadError as err:
+            logger.warning(f"the cached conversion of {repo_id} is unusable ({err}); converting it again")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
         if repo_id in HUB_FILES:
@@ -384,8 +390,8 @@ def _pipeline_from_hub(repo_id: str, dtype):
             logger.info(f"downloading the official StableSR weights from {repo_id} (once; ~7.5 GB)")
             ckpt = hf_hub_download(repo_id, ckpt_name)
             cfw = hf_hub_download(repo_id, cfw_name)
-            pipe, report = convert_stablesr_checkpoint(ckpt, cfw)
-            save_pipeline_atomically(pipe, cached)
+            pipe, report = convert_stablesr_checkpoint(ckpt, cfw, prediction_type=_HUB_PREDICTION_TYPES.get(ckpt_name))
+            save_pipeline_atomically(pipe, cached, overwrite=cached.exists())
             logger.info(f"converted and cached in {cached}\n{report.summary()}")
             return _load_folder(cached, dtype)
         files = list_repo_files(repo_id)

@@ -13,7 +13,8 @@ def add_convert_parser(subparsers) -> None:
     c.add_argument("--cfw", help="vqgan_cfw_00011.ckpt")
     c.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
     c.add_argument("--config", help="official YAML (default: infer the architecture from tensor shapes)")
-    c.add_argument("--prediction-type", choices=("eps", "v"), default=None, help="default: YAML or file name")
+    c.add_argument("--prediction-type", choices=("eps", "v"), default=None,
+                   help="default: the YAML, else the checkpoint's metadata, else a guess from the file name (warned)")
     c.add_argument("--default-steps", type=int, default=None, help="default steps stored (4 for turbo, else 200)")
     c.add_argument("--text-encoder", help="CLIP text encoder (folder or Hub id) when the checkpoint has none")
     c.add_argument("--text-encoder-subfolder", default="text_encoder")
