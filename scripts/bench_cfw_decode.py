@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from proc_memory import reset_peak, status_kb  # scripts/proc_memory.py (this folder)
+
 VAE_CONFIG = {
     "block_out_channels": (128, 256, 512, 512),
     "layers_per_block": 2,
@@ -45,23 +47,6 @@ VAE_CONFIG = {
 FIDELITY_WEIGHT = 0.5
 ENCODE_VARIANTS = ("encode_twice", "encode_once")
 DECODE_VARIANTS = ("ours", "stock_plus_fusion")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(variant: str, size: int, threads: int | None) -> dict:
@@ -109,15 +94,15 @@ def child(variant: str, size: int, threads: int | None) -> dict:
             run(latents[..., :8, :8], {k: v[..., : 64 >> k, : 64 >> k] for k, v in enc.items()},
                 {k: v[..., : 64 >> k, : 64 >> k] for k, v in dec.items()})
 
-    base_kb = _status_kb("VmRSS")
-    can_reset = _reset_peak()
+    base_kb = status_kb("VmRSS")
+    can_reset = reset_peak()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with torch.no_grad():
         run()
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
-    peak_kb = _status_kb("VmHWM") if can_reset else after.ru_maxrss
+    peak_kb = status_kb("VmHWM") if can_reset else after.ru_maxrss
     return {
         "variant": variant, "size": size, "threads": torch.get_num_threads(), "wall_s": seconds,
         "cpu_s": (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_memory import reset_peak, status_kb  # scripts/proc_memory.py (this folder)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "stablesr-tiny"
 
@@ -51,23 +53,6 @@ DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "stablesr-tiny"
 # across the phases (12 B/px float32 RGB), the tiled decode's float32 accumulator, weight sum and normalised result
 # (28 B/px), the color-fixed copy (12 B/px) and the float -> uint8 output conversion (~15 B/px).
 IMAGE_BYTES_PER_PIXEL = 75
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> None:
@@ -84,26 +69,26 @@ def child(args) -> None:
     # Smooth random content (a blurred noise field), so the tiny model sees an image-like input.
     small = rng.integers(0, 256, size=(args.size // 16, args.size // 16, 3), dtype=np.uint8)
     image = PIL.Image.fromarray(small).resize((args.size, args.size), PIL.Image.Resampling.BICUBIC)
-    base_kb = _status_kb("VmRSS")
+    base_kb = status_kb("VmRSS")
 
     phases: dict[str, float] = {}
     phase_cpu: dict[str, float] = {}
     peaks_before_reset: list[int] = []
-    can_reset = _reset_peak()
+    can_reset = reset_peak()
 
     def wrap(name):
         method = getattr(pipe, name)
 
         def wrapper(*a, **k):
-            entry = _status_kb("VmRSS")
+            entry = status_kb("VmRSS")
             # Keep the process-wide peak: clear_refs lowers VmHWM, so remember the max seen before the reset.
-            peaks_before_reset.append(_status_kb("VmHWM"))
-            _reset_peak()
+            peaks_before_reset.append(status_kb("VmHWM"))
+            reset_peak()
             cpu = time.process_time()
             out = method(*a, **k)
             phase_cpu[name] = time.process_time() - cpu
-            phases[name] = (_status_kb("VmHWM") - entry) / 1024
-            peaks_before_reset.append(_status_kb("VmHWM"))
+            phases[name] = (status_kb("VmHWM") - entry) / 1024
+            peaks_before_reset.append(status_kb("VmHWM"))
             return out
 
         setattr(pipe, name, wrapper)
@@ -124,7 +109,7 @@ def child(args) -> None:
     )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     out = result.images[0]
-    peak_kb = max([_status_kb("VmHWM")] + peaks_before_reset)
+    peak_kb = max([status_kb("VmHWM")] + peaks_before_reset)
     print(json.dumps({
         "input": args.size, "output": list(out.size), "vae_tile": args.vae_tile, "steps": args.steps,
         "seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak_kb / 1024, "base_mb": base_kb / 1024,
