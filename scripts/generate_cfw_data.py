@@ -26,6 +26,7 @@ import sys
 from stablesr.cfw_data import generate_cfw_data, list_sources
 from stablesr.degradation import DegradationConfig
 from stablesr.loading import LONG_DTYPE_NAMES, resolve_device, torch_dtype
+from stablesr.schedulers import DETERMINISTIC_SCHEDULERS, deterministic_scheduler
 
 logger = logging.getLogger("generate_cfw_data")
 
@@ -53,6 +54,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None, help="Only the first N sample indices.")
     parser.add_argument("--num_inference_steps", type=int, default=200, help="Sampling steps (official 200).")
     parser.add_argument("--start", choices=("lq", "noise"), default="lq", help="x_T from the LQ latent (official).")
+    parser.add_argument("--scheduler", choices=("model",) + DETERMINISTIC_SCHEDULERS, default="model",
+                        help="model = the model's own (official DDPM); a deterministic one (trailing spacing, from "
+                             "t=999) makes teacher results for train/train_distill.py --teacher_data.")
     parser.add_argument("--seed", type=int, default=10000, help="Base seed (official README: 10000).")
     parser.add_argument("--num_shards", type=int, default=None, help="Default: accelerate's number of processes.")
     parser.add_argument("--shard_index", type=int, default=None, help="Default: accelerate's process index.")
@@ -100,6 +104,8 @@ def main(args: argparse.Namespace):
     pipeline = StableSRPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=torch_dtype(args.dtype))
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
+    if args.scheduler != "model":
+        pipeline.scheduler = deterministic_scheduler(args.scheduler, pipeline.scheduler.config)
     logger.info(f"shard {shard_index}/{num_shards} on {device}: {len(sources)} samples in total")
 
     report = generate_cfw_data(
@@ -115,6 +121,7 @@ def main(args: argparse.Namespace):
         shard_index=shard_index,
         save_samples=not args.skip_samples,
         max_samples=args.max_samples,
+        sampler=None if args.scheduler == "model" else args.scheduler,
     )
     logger.info(
         f"shard {shard_index}/{num_shards}: {len(report.generated)} generated, {len(report.skipped)} already done, "

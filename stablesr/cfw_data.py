@@ -382,6 +382,7 @@ def generate_cfw_data(
     save_samples: bool = True,
     max_samples: int | None = None,
     progress: bool = True,
+    sampler: str | None = None,
     **pipeline_kwargs,
 ) -> CFWDataReport:
     """Generate (or complete) a CFW training set with a stage-1 pipeline; see the module docstring for the layout.
@@ -402,6 +403,8 @@ def generate_cfw_data(
         save_samples: Also write ``samples/NAME.png`` (stock-decoder check images); required for completeness then.
         max_samples: Only consider the first `max_samples` sample indices (official runs stop at ~5000 per run).
         progress: Show a progress bar.
+        sampler: Name of the scheduler the pipeline samples with, when it is not the model's own (recorded in the
+            folder's settings, so a resumed run cannot mix samplers; e.g. ``"dpmsolver"`` for distillation targets).
         pipeline_kwargs: Passed to the pipeline's ``__call__`` (e.g. ``tile_size``).
 
     Returns:
@@ -427,6 +430,8 @@ def generate_cfw_data(
         "seed": seed,
         "degradation": None if paired else degradation_config.to_dict(),
     }
+    if sampler is not None:  # only then, so folders made before this setting existed still resume
+        settings["sampler"] = sampler
     _write_metadata(root, settings)
     for part in REQUIRED_PARTS + (("samples",) if save_samples else ()):
         (root / part).mkdir(parents=True, exist_ok=True)

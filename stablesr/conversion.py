@@ -33,6 +33,7 @@ from diffusers.utils import logging
 
 from .checkpoint_io import _Inert, load_checkpoint, load_checkpoint_with_extras
 from .file_utils import atomic_write_dir, remove_stale_temporaries
+from .hub import LICENSE_ID, LICENSE_LINK, LICENSE_NAME, official_model_of_files, sha256_of
 from .models.cfw import CFWAdapter
 from .models.prompt_embedding import PromptEmbedding
 from .models.sft import SFTAdapter
@@ -481,14 +482,20 @@ def convert_text_encoder(sd: dict, dtype: torch.dtype, report: ConversionReport)
 
 @torch.no_grad()
 def empty_prompt_embedding(text_encoder) -> torch.Tensor:
-    """(1, 77, D) output of ``text_encoder`` for the empty prompt (official conditioning of every StableSR model)."""
+    """(1, 77, D) float32 output of ``text_encoder`` for the empty prompt (official conditioning of every StableSR
+    model). It is always computed in float32: a half-precision encoder is cast up for the call and back after."""
     length = text_encoder.config.max_position_embeddings
     ids = torch.zeros(1, length, dtype=torch.long)
     ids[0, 0], ids[0, 1] = SOT_TOKEN, EOT_TOKEN
     if text_encoder.config.vocab_size <= EOT_TOKEN:
         raise ConversionError(f"text encoder vocabulary ({text_encoder.config.vocab_size}) lacks the CLIP start/end ids")
     param = next(text_encoder.parameters())
-    return text_encoder(ids.to(param.device)).last_hidden_state.float().cpu()
+    dtype = param.dtype
+    text_encoder.to(torch.float32)
+    try:
+        return text_encoder(ids.to(param.device)).last_hidden_state.float().cpu()
+    finally:
+        text_encoder.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- top level
@@ -614,10 +621,12 @@ def convert_stablesr_checkpoint(
 
     encoder_model = None
     if any(k.startswith(TEXT_PREFIX) for k in sd):
-        encoder_model, keys = convert_text_encoder(sd, dtype, report)
+        # The stored embedding comes from the float32 weights whatever ``dtype`` is; only the result is cast.
+        encoder_model, keys = convert_text_encoder(sd, torch.float32, report)
         consumed |= keys
         if prompt_embeds is None:
             prompt_embeds = empty_prompt_embedding(encoder_model)
+        encoder_model = encoder_model.to(dtype)
     elif prompt_embeds is None:
         if text_encoder is None:
             raise ConversionError(
@@ -640,6 +649,8 @@ def convert_stablesr_checkpoint(
         raise ConversionError(f"unknown keys in {checkpoint_path} ({len(leftover)}): {sorted(leftover)[:30]}")
 
     scheduler = StableSRDDPMScheduler(prediction_type=report.prediction_type, **schedule)
+    prompt_embedding = PromptEmbedding.from_tensor(prompt_embeds)  # float32
+    prompt_embedding.embeds = prompt_embedding.embeds.to(dtype)  # cast only the result, as every other weight
     if default_num_inference_steps is None:
         default_num_inference_steps = 4 if checkpoint_name_hints(checkpoint_path)["turbo"] else 200
     pipe = StableSRPipeline(
@@ -649,24 +660,30 @@ def convert_stablesr_checkpoint(
         sft_adapter=sft_adapter,
         scheduler=scheduler,
         cfw_adapter=cfw_adapter,
-        prompt_embedding=PromptEmbedding.from_tensor(prompt_embeds),
+        prompt_embedding=prompt_embedding,
         text_encoder=encoder_model,
         tokenizer=None,
         default_num_inference_steps=default_num_inference_steps,
     )
     if output_dir is not None:
-        save_pipeline_atomically(pipe, output_dir, overwrite=overwrite)
+        files = [Path(p) for p in (checkpoint_path, cfw_checkpoint_path) if p is not None]
+        sources = {p.name: sha256_of(p) for p in files}
+        official = official_model_of_files(checkpoint_path, cfw_checkpoint_path)
+        origin = "Local files" + (f", named as the official {official.name} release files" if official else "")
+        card = model_card(pipe, report, sources, official=official, origin=origin)
+        save_pipeline_atomically(pipe, output_dir, overwrite=overwrite, card=card)
     report.seconds = time.perf_counter() - start
     logger.info(report.summary())
     return pipe, report
 
 
-def save_pipeline_atomically(pipe, output_dir: Path, overwrite: bool = False) -> None:
+def save_pipeline_atomically(pipe, output_dir: Path, overwrite: bool = False, card: str | None = None) -> None:
     """``save_pretrained`` into a hidden temporary sibling folder, flush it to disk, then rename it into place.
 
     A kill at any point leaves no folder or the complete one; the temporary folders of killed earlier runs are removed
     first. No room to write raises [`~stablesr.file_utils.DiskFullError`] naming the folder and about how many bytes
-    it needs, and leaves nothing behind.
+    it needs, and leaves nothing behind. ``card`` (see [`model_card`]) is written as the folder's ``README.md``
+    before the folder is published.
     """
     output_dir = Path(output_dir)
     remove_stale_temporaries(output_dir.parent, output_dir.name)  # only folders whose writer is gone
@@ -674,3 +691,78 @@ def save_pipeline_atomically(pipe, output_dir: Path, overwrite: bool = False) ->
                if isinstance(module, torch.nn.Module) for t in module.state_dict().values())
     with atomic_write_dir(output_dir, overwrite=overwrite, size=size) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------------ model card
+_CARD_TAGS = ["stablesr", "super-resolution", "image-restoration", "stable-diffusion"]
+
+
+def model_card(pipe, report: ConversionReport, sources: dict[str, str | None], *, official=None,
+               origin: str = "Local files") -> str:
+    """The ``README.md`` of a converted folder: Hub model-card front matter, then the source files and their SHA-256,
+    the converter version, the conversion settings and the license of the weights.
+
+    Args:
+        pipe: the converted [`StableSRPipeline`].
+        report: its [`ConversionReport`] (the prediction type and where it came from).
+        sources: source file name -> SHA-256 (None when unknown), the diffusion checkpoint first.
+        official: the [`~stablesr.hub.OfficialModel`] the sources are, when known; without it the license is said to
+            be that of the source files.
+        origin: one sentence on where the source files came from.
+    """
+    from . import __version__
+
+    meta = {"license": "other"}
+    if official is not None:
+        meta.update(license_name=LICENSE_ID, license_link=LICENSE_LINK, base_model=official.repo_id)
+    else:
+        meta["license_name"] = "same-as-source-checkpoint"
+    meta.update(library_name="diffusers", pipeline_tag="image-to-image", tags=_CARD_TAGS)
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    checkpoint = next(iter(sources), "unknown")
+    title = official.name if official is not None else Path(checkpoint).stem
+    cfw = pipe.cfw_adapter is not None
+    dtype = str(pipe.unet.dtype).removeprefix("torch.")
+    rows = "\n".join(f"| `{name}` | `{digest or 'not computed'}` |" for name, digest in sources.items())
+    settings = [
+        ("converter", f"stablesr {__version__} (`stablesr.conversion.convert_stablesr_checkpoint`)"),
+        ("prediction type", f"{report.prediction_type} ({report.prediction_type_source})"),
+        ("weights dtype", dtype),
+        ("native size", f"{pipe.native_size} px"),
+        ("default steps", str(pipe.config.default_num_inference_steps)),
+        ("CFW (fidelity weight)", "yes" if cfw else "no: decodes with the checkpoint's own VAE"),
+        ("text encoder", "included" if pipe.text_encoder is not None else "not included (stored embedding only)"),
+        ("architecture from", "tensor shapes" if report.config_source == "shapes" else report.config_source),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in settings)
+    if official is not None:
+        about = f"{official.description[0].upper()}{official.description[1:]}."
+        license_text = (
+            f"These are StableSR's official weights ([{official.repo_id}](https://huggingface.co/{official.repo_id}), "
+            f"S-Lab, Nanyang Technological University), released under the [{LICENSE_NAME}]({LICENSE_LINK}): "
+            "non-commercial use only; for commercial use, contact the authors. Redistribution must keep the "
+            "copyright notice, the license conditions and the disclaimer. The license travels with the weights: "
+            f"this converted copy, and whatever is made from it, stays under the {LICENSE_NAME}. The Apache-2.0 "
+            f"license of the stablesr code does not apply to the weights. They are built on {official.sd_base}, "
+            "whose own license may also apply to the parts taken from it."
+        )
+    else:
+        about = "A StableSR checkpoint that is not one of the official release files (by file name)."
+        license_text = (
+            "The source files are not recognised as the official release, so these weights are under the license "
+            "of the source checkpoint: check where it came from. StableSR's official weights are under the "
+            f"[{LICENSE_NAME}]({LICENSE_LINK}) (non-commercial), which also binds weights made from them. The "
+            "Apache-2.0 license of the stablesr code does not apply to the weights."
+        )
+    return (
+        f"---\n{front}---\n\n"
+        f"# {title}\n\n{about}\n\n"
+        "StableSR (Wang et al., *Exploiting Diffusion Prior for Real-World Image Super-Resolution*, IJCV 2024) "
+        f"converted to a diffusers `StableSRPipeline` folder by stablesr {__version__}. Load it with "
+        "`stablesr.StableSRPipeline.from_pretrained(folder)` or `stablesr restore --model folder`.\n\n"
+        f"## Source files\n\n{origin}.\n\n| file | SHA-256 |\n|---|---|\n{rows}\n\n"
+        f"## Conversion settings\n\n| setting | value |\n|---|---|\n{table}\n\n"
+        f"## License\n\n{license_text}\n"
+    )

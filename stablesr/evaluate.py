@@ -3,6 +3,8 @@
 Files are paired by name (stem, extension ignored; ``strip`` removes suffixes such as ``_HR`` / ``_LR4`` / ``x4``
 first). Every requested metric is computed per image and averaged; with LQ files the inputs also get a *bicubic
 baseline* row (LQ bicubic-upscaled to the GT size, same metrics) and the SR3 ``consistency`` metric can be computed.
+Optionally a learned baseline (Real-ESRGAN, [`stablesr.models.rrdbnet.RealESRGANUpscaler`]) upscales every LQ file too
+and gets its own row.
 The report names the evaluation protocol, because the field uses two incompatible ones: 128->512 center crops
 (StableSR, SeeSR, OSEDiff test sets) vs full-size images (ResShift, SinSR, PASD); it is inferred from the image sizes
 unless ``protocol`` says it.
@@ -24,12 +26,14 @@ import numpy as np
 from PIL import Image
 
 from . import metrics as M
-from .image_io import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from .distributed import Processes
+from .image_io import IMAGE_EXTENSIONS, ImageLoadError, load_image, save_image
 
 __all__ = [
     "DEFAULT_METRICS",
     "EvaluationReport",
     "Pairing",
+    "baseline_notes",
     "bicubic_baseline",
     "evaluate_folders",
     "infer_protocol",
@@ -136,14 +140,18 @@ class EvaluationReport:
     """Everything ``stablesr evaluate`` reports.
 
     Attributes:
-        rows: per-image dicts: ``name``, ``method`` ("sr" or "bicubic"), ``width``, ``height`` and one value per
-            metric (``None`` where it could not be computed, e.g. ``consistency`` without an LQ file).
-        means: ``{"sr": {metric: mean}, "bicubic": {...}}`` (bicubic only with LQ files); set metrics (FID) appear
-            only here. ``counts``: images averaged per method.
+        rows: per-image dicts: ``name``, ``method`` ("sr", "bicubic" or a learned baseline's key such as
+            "realesrgan"), ``width``, ``height`` and one value per metric (``None`` where it could not be computed,
+            e.g. ``consistency`` without an LQ file).
+        means: ``{"sr": {metric: mean}, "bicubic": {...}, "realesrgan": {...}}`` (baselines only with LQ files); set
+            metrics (FID) appear only here. ``counts``: images averaged per method.
         protocol: see [`infer_protocol`], plus ``crop_border`` and the color space of PSNR/SSIM.
         metrics: metric names in order; backends: ``{metric: "builtin" | "torchmetrics" | "pyiqa"}``.
         missing: unpaired files (see [`pair_folders`]); errors: ``(file name, message)`` per failed pair.
-        paths: ``{name: {"sr": Path, "gt": Path, "lq": Path | None}}`` for the HTML report.
+        paths: ``{name: {"sr": Path, "gt": Path, "lq": Path | None}}`` for the HTML report, plus the learned
+            baseline's saved output under its key (e.g. ``"realesrgan"``) when it was written to a folder.
+        settings: folders and options; ``settings["baseline"]`` describes the learned baseline (``label``, weights,
+            model, tiling, output folder). notes: remarks for the reader (e.g. baseline outputs that were resized).
     """
 
     rows: list[dict[str, Any]]
@@ -156,6 +164,12 @@ class EvaluationReport:
     errors: list[tuple[str, str]] = field(default_factory=list)
     paths: dict[str, dict[str, Path | None]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def method_label(self, method: str) -> str:
+        """The display name of a ``method`` key: the learned baseline's label ("Real-ESRGAN"), else the key."""
+        baseline = self.settings.get("baseline") or {}
+        return baseline.get("label", method) if method == baseline.get("name") else method
 
 
 def bicubic_baseline(lq: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -191,7 +205,8 @@ def _mean(values: list[float]) -> float | None:
 
 def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] = DEFAULT_METRICS,
                      crop_border: int = 4, protocol: str = "auto", strip: Sequence[str] = (), device: str = "cpu",
-                     backend: str = "auto", progress: bool = False) -> EvaluationReport:
+                     backend: str = "auto", progress: bool = False, baseline=None,
+                     baseline_dir: str | Path | None = None, processes: Processes | None = None) -> EvaluationReport:
     """Score every SR image of ``sr_dir`` against the same-named GT of ``gt_dir`` (see the module docstring).
 
     Args:
@@ -202,6 +217,16 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
         protocol: "auto", "crops" or "full" (only names the protocol in the report).
         strip: name suffixes removed before pairing (e.g. ``("_HR", "_LR4")``).
         device / backend: for the learned metrics ("auto", "torchmetrics" or "pyiqa").
+        baseline: a learned baseline run on every LQ file, e.g. a
+            [`stablesr.models.rrdbnet.RealESRGANUpscaler`] (anything with ``key``, ``label``,
+            ``upscale(lq, (width, height)) -> (image, note or None)`` and ``describe()``); needs ``lq_dir``. Its
+            rows have ``method == baseline.key``.
+        baseline_dir: folder where the baseline's outputs are saved as ``NAME.png`` (the HTML report shows their
+            crops and FID reads them); without it they are not kept (FID then runs the baseline again).
+        processes: a [`stablesr.distributed.Processes`] to share the pairs among (``accelerate launch``): each process
+            scores its share ([`Processes.share`]), the per-image rows are gathered, and every process returns the
+            same rows and means as one process would. FID needs every image's features, so it is computed by the main
+            process only (the other processes' ``means`` have no ``fid``). All processes must call it.
 
     Raises:
         `MetricUnavailableError`: a requested learned metric cannot be loaded (checked before any work).
@@ -210,6 +235,10 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
     names = M.parse_metric_names(metrics)
     if "consistency" in names and not lq_dir:
         raise ValueError("the consistency metric compares the SR image with its LQ input: pass --lq")
+    if baseline is not None and not lq_dir:
+        raise ValueError(f"the {baseline.label} baseline upscales the LQ inputs: pass --lq (lq_dir)")
+    baseline_dir = Path(baseline_dir) if baseline is not None and baseline_dir is not None else None
+    resized: list[tuple[str, str]] = []  # (name, note) of baseline outputs resized to the GT size
     backends: dict[str, str] = {}
     loaded: dict[str, M.ImageMetric] = {}
     for n in names:  # load every learned metric before any work: fail fast with the install hint
@@ -227,12 +256,16 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
     paths: dict[str, dict[str, Path | None]] = {}
     gt_sizes, lq_sizes = [], []
     ok_pairs = []
-    iterator = pairing.pairs
-    if progress:
+    processes = processes or Processes()
+    # Per pair, in pairing order: (index, name, results or None, error message or None); gathered from every process.
+    records: list[tuple[int, str, dict[str, Any] | None, str | None]] = []
+    iterator = [(i, *pairing.pairs[i]) for i in processes.share(len(pairing.pairs))]  # every pair with one process
+    if progress and processes.is_local_main:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="evaluating", unit="img", leave=False)
-    for name, sr_path, gt_path, lq_path in iterator:
+    for i, name, sr_path, gt_path, lq_path in iterator:
+        base_path, note = None, None
         try:
             sr = load_image(sr_path).rgb
             gt = load_image(gt_path).rgb
@@ -249,26 +282,46 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
                 bic_row.update(M.compute_image_metrics(bic, gt, lq, per_image, crop_border=crop_border,
                                                        loaded=loaded))
                 new_rows.append(bic_row)
+                if baseline is not None:
+                    base, note = baseline.upscale(lq, gt.size)
+                    base_row = {"name": name, "method": baseline.key, "width": base.width, "height": base.height}
+                    base_row.update(M.compute_image_metrics(base, gt, lq, per_image, crop_border=crop_border,
+                                                            loaded=loaded))
+                    new_rows.append(base_row)
+                    base_path = (save_image(base, baseline_dir / f"{name}.png", overwrite=True)
+                                 if baseline_dir is not None else None)
         except (ImageLoadError, ValueError, OSError) as err:
-            errors.append((name, str(err)))
+            records.append((i, name, None, str(err)))
             continue
-        rows.extend(new_rows)
-        gt_sizes.append(gt.size)
-        if lq is not None:
-            lq_sizes.append(lq.size)
-        ok_pairs.append((name, sr_path, gt_path, lq_path))
-        paths[name] = {"sr": sr_path, "gt": gt_path, "lq": lq_path}
+        entry: dict[str, Path | None] = {"sr": sr_path, "gt": gt_path, "lq": lq_path}
+        if baseline is not None and lq is not None and base_path is not None:
+            entry[baseline.key] = base_path
+        records.append((i, name, {"rows": new_rows, "gt_size": gt.size, "lq_size": lq.size if lq is not None else None,
+                                  "paths": entry, "note": note if baseline is not None and lq is not None else None},
+                        None))
+    for i, name, result, message in sorted(processes.gather(records), key=lambda record: record[0]):
+        if result is None:
+            errors.append((name, message))
+            continue
+        rows.extend(result["rows"])
+        gt_sizes.append(result["gt_size"])
+        if result["lq_size"] is not None:
+            lq_sizes.append(result["lq_size"])
+        ok_pairs.append(pairing.pairs[i])
+        paths[name] = result["paths"]
+        if result["note"]:
+            resized.append((name, result["note"]))
 
     columns = M.metric_columns(per_image)
     means: dict[str, dict[str, float | None]] = {}
     counts: dict[str, int] = {}
-    for method in ("sr", "bicubic"):
+    for method in ("sr", "bicubic") + ((baseline.key,) if baseline is not None else ()):
         method_rows = [r for r in rows if r["method"] == method]
         if not method_rows:
             continue
         means[method] = {c: _mean([r.get(c) for r in method_rows]) for c in columns}
         counts[method] = len(method_rows)
-    if "fid" in names and len(ok_pairs) >= 2:
+    if "fid" in names and len(ok_pairs) >= 2 and processes.is_main:
         gts = [p[2] for p in ok_pairs]
         means["sr"]["fid"] = M.compute_fid([p[1] for p in ok_pairs], gts, device, backend)
         with_lq = [p for p in ok_pairs if p[3] is not None]
@@ -279,7 +332,17 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
 
             means["bicubic"]["fid"] = M.compute_fid(_LazyImages(len(with_lq), make), [p[2] for p in with_lq],
                                                     device, backend)
-    elif "fid" in names:
+            if baseline is not None:
+                def make_baseline(i, pairs=with_lq):
+                    saved = paths[pairs[i][0]].get(baseline.key)
+                    if saved is not None:
+                        return load_image(saved).rgb
+                    gt_img = load_image(pairs[i][2]).rgb
+                    return baseline.upscale(load_image(pairs[i][3]).rgb, gt_img.size)[0]
+
+                means[baseline.key]["fid"] = M.compute_fid(_LazyImages(len(with_lq), make_baseline),
+                                                           [p[2] for p in with_lq], device, backend)
+    elif "fid" in names and len(ok_pairs) < 2:
         errors.append(("fid", "FID needs at least 2 evaluated pairs"))
 
     proto = infer_protocol(gt_sizes, lq_sizes if len(lq_sizes) == len(gt_sizes) else [], protocol)
@@ -287,5 +350,32 @@ def evaluate_folders(sr_dir, gt_dir, lq_dir=None, metrics: str | Sequence[str] =
                  color_space="PSNR/SSIM on Y (ITU-R BT.601, BasicSR/MATLAB convention); psnr_rgb/ssim_rgb on RGB")
     settings = {"sr_dir": str(sr_dir), "gt_dir": str(gt_dir), "lq_dir": str(lq_dir) if lq_dir else None,
                 "strip": list(strip), "device": device}
+    notes: list[str] = []
+    if baseline is not None:
+        settings["baseline"] = dict(baseline.describe(), output_dir=str(baseline_dir) if baseline_dir else None)
+        notes.extend(baseline_notes(baseline, resized, sum(1 for r in rows if r["method"] == baseline.key)))
     return EvaluationReport(rows=rows, means=means, counts=counts, protocol=proto, metrics=names, backends=backends,
-                            missing=pairing.missing, errors=errors, paths=paths, settings=settings)
+                            missing=pairing.missing, errors=errors, paths=paths, settings=settings, notes=notes)
+
+
+def baseline_notes(baseline, resized: Sequence[tuple[str, str]], count: int) -> list[str]:
+    """Report notes for a learned baseline: what ran (weights, model, tiling) and which outputs were resized.
+
+    Args:
+        baseline: the baseline (see [`evaluate_folders`]); ``resized``: ``(image name, note)`` for every output the
+            baseline resized to the requested size; ``count``: images the baseline upscaled.
+    """
+    info = baseline.describe()
+    model = info.get("model") or {}
+    arch = (f"RRDBNet x{model['scale']}, {model['num_block']} blocks, {model['num_feat']} features"
+            if {"scale", "num_block", "num_feat"} <= set(model) else "")
+    tiling = (f"tiles of {info['tile_size']} px + {info['tile_pad']} px context" if info.get("tile_size")
+              else "no tiling")
+    weights = Path(info["weights"]).name if info.get("weights") else "in-memory model"
+    notes = [f"{baseline.label} baseline: {weights}" + (f" ({arch})" if arch else "") + f", {tiling}, "
+             f"{count} image(s)"]
+    if resized:
+        name, note = resized[0]
+        notes.append(f"{baseline.label}: the output was resized to the requested size for {len(resized)} of {count} "
+                     f"image(s), e.g. {name}: {note}")
+    return notes

@@ -6,8 +6,10 @@
 - an official Lightning ``.ckpt`` (with the CFW ``.ckpt``), converted once and cached by content: the SHA-256 of both
   files (remembered per path, size and mtime in ``file_hashes.json``, so a 6.5 GB file is hashed once) names the
   cached folder ``converted/<key>``, which is written atomically;
-- a Hub id: the official release (``Iceclear/StableSR``: two Lightning files, downloaded once, converted once and
-  cached) or a converted folder on the Hub.
+- an official model by name (``stablesr-turbo``, the default; ``stablesr-512``, also ``Iceclear/StableSR``;
+  ``stablesr-768v``; see `stablesr.hub`): its two Lightning files are downloaded once into the Hugging Face cache,
+  checked against their SHA-256, converted once and cached as ``converted/<name>``;
+- a Hub id of a converted folder.
 
 Caches live under ``$STABLESR_CACHE`` or ``~/.cache/stablesr`` ([`cache_dir`]). A local converted folder is checked
 before and after ``from_pretrained`` ([`check_model_folder`]). A missing component, a truncated or corrupt safetensors
@@ -33,7 +35,6 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "DEFAULT_MODEL",
     "DTYPES",
-    "HUB_FILES",
     "LONG_DTYPE_NAMES",
     "ModelLoadError",
     "cache_dir",
@@ -41,18 +42,18 @@ __all__ = [
     "file_sha256",
     "load_pipeline",
     "resolve_device",
+    "resolve_dtype",
     "torch_dtype",
 ]
 
-DEFAULT_MODEL = "Iceclear/StableSR"
-# The official release on the Hub is a pair of Lightning checkpoints, converted once and cached.
-HUB_FILES = {"Iceclear/StableSR": ("stablesr_000117.ckpt", "vqgan_cfw_00011.ckpt")}
-# Their prediction types, known from the official configs (the files do not say): no guess, no warning.
-_HUB_PREDICTION_TYPES = {"stablesr_000117.ckpt": "eps", "stablesr_768v_000139.ckpt": "v", "stablesr_turbo.ckpt": "eps"}
+# An official model name (stablesr.hub.OFFICIAL_MODELS): SD-Turbo based, 4 steps instead of 200, same CFW.
+DEFAULT_MODEL = "stablesr-turbo"
 # Short dtype names (CLI --dtype, web UI) -> torch dtype attribute names (the long names, which the training scripts
 # take as in diffusers' examples, are accepted too).
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LONG_DTYPE_NAMES = tuple(DTYPES.values())
+# What --dtype accepts on the commands that run a model: "auto" picks per device (resolve_dtype).
+DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps"
 _CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 # Weight files that are pickles: never opened in a model folder (unpickling can run code).
@@ -102,27 +103,66 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+def resolve_dtype(name: str, device: str) -> str:
+    """The short dtype name (fp32, fp16, bf16) to run on ``device``: ``name`` itself, or for ``"auto"``:
+
+    - CUDA / ROCm: bf16 on GPUs with native bf16 (NVIDIA compute capability 8.0+, i.e. Ampere and newer; AMD
+      GPUs), else fp16. bf16 has float32's exponent range, so SD 2.x activations cannot overflow it, at the same
+      tensor-core speed as fp16 on those GPUs. Older GPUs (T4, V100, ...) have no fast bf16 and get fp16, made safe
+      by the pipeline's fp16 guards (fp32 attention scores, fp32 VAE, a non-finite check; see the pipeline).
+    - Apple MPS: fp16 (every MPS version supports it, bf16 needs macOS 14+), with the same fp16 guards.
+    - CPU and anything else: fp32. CPUs without native bf16 instructions (AVX512-BF16 / AMX) emulate bf16 matmuls
+      and convolutions, many times slower than fp32 (scripts/bench_step.py), and fp16 is slower still.
+    """
+    if name != "auto":
+        torch_dtype(name)  # validates
+        return next((short for short, long in DTYPES.items() if name in (short, long)), name)
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        if torch.version.hip:
+            return "bf16"
+        index = torch.device(device).index
+        major = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).major
+        return "bf16" if major >= 8 else "fp16"
+    if kind == "mps":
+        return "fp16"
+    return "fp32"
+
+
 def dtype_warning(device: str, dtype: str) -> str | None:
-    """A warning for a device/dtype pair that works badly (fp16 on a CPU), or None."""
-    if device == "cpu" and dtype == "fp16":
-        return "fp16 on CPU is slow or unsupported; use --dtype bf16 or fp32"
+    """A warning for a device/dtype pair that works badly (fp16 or bf16 on a CPU), or None."""
+    if str(device).split(":")[0] == "cpu" and dtype in ("fp16", "float16"):
+        return "fp16 on CPU is slow or unsupported; use --dtype fp32 (the auto choice on CPU)"
+    if str(device).split(":")[0] == "cpu" and dtype in ("bf16", "bfloat16"):
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+        if not {"avx512_bf16", "amx_bf16"} & set(flags.split()):
+            return ("this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 convolutions are emulated and much slower "
+                    "than fp32; use --dtype fp32 (the auto choice on CPU)")
     return None
 
 
-def load_pipeline(model: str = DEFAULT_MODEL, cfw: str | None = None, device: str = "cpu", dtype: str = "fp32"):
+def load_pipeline(model: str = DEFAULT_MODEL, cfw: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """A `StableSRPipeline` from a converted folder, an official ``.ckpt`` (+ CFW ``.ckpt``), or a Hub id.
 
     Args:
-        model: converted folder, official checkpoint file, or Hub id (default: the official release).
+        model: converted folder, official checkpoint file, official model name (``stablesr-turbo``,
+            ``stablesr-512``, ``stablesr-768v``; see `stablesr.hub`) or Hub id of a converted folder.
         cfw: the official ``vqgan_cfw`` checkpoint when ``model`` is an official ``.ckpt``.
         device: torch device name, or "auto" (see [`resolve_device`]).
-        dtype: "fp32", "fp16" or "bf16".
+        dtype: "fp32", "fp16", "bf16" or "auto" (see [`resolve_dtype`]).
 
     Raises:
         [`ModelLoadError`]: a folder that is not a converted model or is broken (see [`check_model_folder`]), a
             missing file, or a Hub model that cannot be fetched (offline, not cached).
     """
-    dtype_ = torch_dtype(dtype)
+    device = resolve_device(device)
+    dtype_ = torch_dtype(resolve_dtype(dtype, device))
     path = Path(model)
     if path.is_dir():
         pipe = _load_folder(path, dtype_)
@@ -241,8 +281,14 @@ def _load_folder(path: Path, dtype):
     # its own.)
     for name, on_disk in shapes.items():
         if components[name][0] != "transformers":
-            _check_weights_fit(path, name, on_disk, getattr(pipe, name).state_dict())
+            _check_weights_fit(path, name, on_disk, _without_lora(getattr(pipe, name).state_dict()))
     return pipe
+
+
+def _without_lora(state_dict: dict) -> dict:
+    """A state dict as the stock model has it: a loaded LoRA's own tensors dropped and the wrapped layers' names
+    (``to_q.base_layer.weight``) back to the stock ones (``to_q.weight``)."""
+    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if ".lora_" not in k}
 
 
 def _empty_state_dict(path: Path, name: str, library: str, class_name: str) -> dict:
@@ -336,7 +382,8 @@ def _hash_file(path: Path) -> str:
 
 def _pipeline_from_checkpoint(path: Path, cfw: str | None, dtype):
     """An official checkpoint (+ CFW checkpoint), converted once and cached under ``converted/<content key>``."""
-    from .conversion import checkpoint_name_hints, convert_stablesr_checkpoint, save_pipeline_atomically
+    from .conversion import checkpoint_name_hints, convert_stablesr_checkpoint, model_card, save_pipeline_atomically
+    from .hub import official_model_of_files
 
     cfw_path = Path(cfw) if cfw else None
     if cfw_path is not None and not cfw_path.is_file():
@@ -359,8 +406,12 @@ def _pipeline_from_checkpoint(path: Path, cfw: str | None, dtype):
             logger.warning(f"the cached conversion of {path.name} is unusable ({err}); converting it again")
     pipe, report = convert_stablesr_checkpoint(path, cfw_path)
     logger.info(f"converted {path.name}\n{report.summary()}")
+    sources = {path.name: key_source["checkpoint"], **({cfw_path.name: key_source["cfw"]} if cfw_path else {})}
+    official = official_model_of_files(path, cfw_path)
+    origin = "Local files" + (f", named as the official {official.name} release files" if official else "")
     try:
-        save_pipeline_atomically(pipe, cached, overwrite=cached.exists())
+        card = model_card(pipe, report, sources, official=official, origin=origin)
+        save_pipeline_atomically(pipe, cached, overwrite=cached.exists(), card=card)
         logger.info(f"cached the converted model in {cached}")
     except FileExistsError:
         pass  # another process cached the same files meanwhile
@@ -371,29 +422,18 @@ def _pipeline_from_checkpoint(path: Path, cfw: str | None, dtype):
 
 
 def _pipeline_from_hub(repo_id: str, dtype):
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from .hub import official_model
+
+    official = official_model(repo_id)
+    if official is not None:
+        return _pipeline_from_official(official, dtype)
+    from huggingface_hub import list_repo_files
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from .conversion import convert_stablesr_checkpoint, save_pipeline_atomically
     from .pipelines.pipeline_stablesr import StableSRPipeline
 
-    cached = cache_dir() / "converted" / repo_id.replace("/", "--")
-    if cached.exists():
-        try:
-            return _load_folder(cached, dtype)
-        except ModelLoadError as err:
-            logger.warning(f"the cached conversion of {repo_id} is unusable ({err}); converting it again")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        if repo_id in HUB_FILES:
-            ckpt_name, cfw_name = HUB_FILES[repo_id]
-            logger.info(f"downloading the official StableSR weights from {repo_id} (once; ~7.5 GB)")
-            ckpt = hf_hub_download(repo_id, ckpt_name)
-            cfw = hf_hub_download(repo_id, cfw_name)
-            pipe, report = convert_stablesr_checkpoint(ckpt, cfw, prediction_type=_HUB_PREDICTION_TYPES.get(ckpt_name))
-            save_pipeline_atomically(pipe, cached, overwrite=cached.exists())
-            logger.info(f"converted and cached in {cached}\n{report.summary()}")
-            return _load_folder(cached, dtype)
         files = list_repo_files(repo_id)
         if "model_index.json" not in files:
             raise ModelLoadError(f"{repo_id} is not a converted StableSR model on the Hub (no model_index.json)")
@@ -404,6 +444,46 @@ def _pipeline_from_hub(repo_id: str, dtype):
             f"cannot fetch {repo_id} from the Hugging Face Hub{hint}: {err}. Connect to the internet once, or pass "
             "--model with a converted folder or the official .ckpt files (`stablesr convert` makes the folder)"
         ) from None
+
+
+def _pipeline_from_official(official, dtype):
+    """An official model by name (a `stablesr.hub.OfficialModel`): its two files fetched into the Hugging Face cache
+    and checked, converted once and cached as ``converted/<name>`` with a model card."""
+    from . import conversion
+    from .hub import OfficialFileError, fetch_official_file
+
+    cached = cache_dir() / "converted" / official.name
+    if cached.exists():
+        try:
+            return _load_folder(cached, dtype)
+        except ModelLoadError as err:
+            logger.warning(f"the cached conversion of {official.name} is unusable ({err}); converting it again")
+    logger.info(f"{official.name}: fetching {' and '.join(official.files)} from {official.repo_id} (once; about "
+                f"{official.download_gb} GB), then converting them (once)")
+    try:
+        (ckpt, ckpt_sha), (cfw, cfw_sha) = [fetch_official_file(official, f, sha256=file_sha256) for f in official.files]
+    except OfficialFileError as err:
+        raise ModelLoadError(str(err)) from None
+    pipe, report = conversion.convert_stablesr_checkpoint(
+        ckpt, cfw, prediction_type=official.prediction_type, default_num_inference_steps=official.default_steps
+    )
+    report.prediction_type_source = f"the official {official.name} settings in stablesr.hub"
+    logger.info(f"converted {official.name}\n{report.summary()}")
+    sources = {official.checkpoint: ckpt_sha or file_sha256(ckpt), official.cfw: cfw_sha or file_sha256(cfw)}
+    origin = (f"Downloaded from the Hub repository {official.repo_id}, content checked against the SHA-256 names of "
+              "the Hugging Face cache")
+    try:
+        card = conversion.model_card(pipe, report, sources, official=official, origin=origin)
+        conversion.save_pipeline_atomically(pipe, cached, overwrite=cached.exists(), card=card)
+        logger.info(f"cached the converted {official.name} in {cached}")
+    except FileExistsError:
+        pass  # another process cached it meanwhile
+    except OSError as err:
+        logger.warning(f"could not cache the converted {official.name} in {cached} ({err}); it is converted again "
+                       "next run")
+        return pipe if str(dtype) == "torch.float32" else pipe.to(dtype=dtype)
+    del pipe  # load the published folder: what every later run loads
+    return _load_folder(cached, dtype)
 
 
 def enable_fast_attention(pipe, device: str) -> bool:

@@ -105,7 +105,8 @@ def protocol_line(report: EvaluationReport) -> str:
 
 
 def format_table(report: EvaluationReport, max_name: int = 28) -> str:
-    """The terminal table: one line per image (SR), then the SR mean and the bicubic mean."""
+    """The terminal table: one line per image (SR), then the SR mean and the baselines' means (bicubic,
+    Real-ESRGAN)."""
     cols = [c for c in M.metric_columns(report.metrics) if c != "consistency_mse"]
     set_cols = [c for c in cols if M.column_spec(c).kind == "set"]
     arrows = {c: ("↑" if M.column_spec(c).higher_is_better else "↓") for c in cols}
@@ -116,9 +117,9 @@ def format_table(report: EvaluationReport, max_name: int = 28) -> str:
         if r["method"] != "sr":
             continue
         body.append([r["name"][:max_name]] + ["" if c in set_cols else _fmt(r.get(c), c) for c in cols])
-    for method, label in (("sr", "mean SR"), ("bicubic", "mean bicubic")):
-        if method in report.means:
-            body.append([f"{label} ({report.counts[method]})"] + [_fmt(report.means[method].get(c), c) for c in cols])
+    for method in report.means:
+        label = "mean SR" if method == "sr" else f"mean {report.method_label(method)}"
+        body.append([f"{label} ({report.counts[method]})"] + [_fmt(report.means[method].get(c), c) for c in cols])
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
     fmt_row = lambda row: "  ".join(row[0].ljust(widths[0]) if i == 0 else row[i].rjust(widths[i])  # noqa: E731
                                     for i in range(len(row))) if row else ""
@@ -135,6 +136,8 @@ def format_table(report: EvaluationReport, max_name: int = 28) -> str:
         lines.append(f"error: {name}: {msg}")
     for w in report.protocol.get("warnings", []):
         lines.append(f"warning: {w}")
+    for note in report.notes:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 
@@ -177,6 +180,7 @@ def report_dict(report: EvaluationReport) -> dict[str, Any]:
         "per_image": report.rows,
         "missing": report.missing,
         "errors": [{"name": n, "error": e} for n, e in report.errors],
+        "notes": report.notes,
     })
 
 
@@ -261,7 +265,8 @@ document.querySelectorAll('.crops').forEach(c => c.addEventListener('click', () 
 def write_html(report: EvaluationReport, path: str | Path, max_images: int = 20, crop_size: int = 128,
                crops_per_image: int = 2) -> Path:
     """A self-contained HTML report: protocol, the metric table, and per image side-by-side crops (LQ nearest-
-    upscaled, bicubic, SR, GT) embedded as PNG data URIs, zoomable (slider; click a row of crops to double it)."""
+    upscaled, bicubic, the learned baseline such as Real-ESRGAN when its outputs were saved, SR, GT) embedded as PNG
+    data URIs, zoomable (slider; click a row of crops to double it)."""
     esc = html.escape
     cols = [c for c in M.metric_columns(report.metrics) if c != "consistency_mse"]
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>stablesr evaluation</title>",
@@ -274,13 +279,17 @@ def write_html(report: EvaluationReport, path: str | Path, max_images: int = 20,
                                  f"{esc(report.backends.get(n, ''))})" for n in report.metrics) + "</p>")
     for w in report.protocol.get("warnings", []):
         out.append(f"<p class='warn'>warning: {esc(w)}</p>")
+    for note in report.notes:
+        out.append(f"<p>note: {esc(note)}</p>")
     out.append("<table><tr><th>image</th><th>method</th>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>")
     for r in report.rows:
-        out.append(f"<tr><td><a href='#img-{esc(r['name'])}'>{esc(r['name'])}</a></td><td>{r['method']}</td>"
+        method = esc(report.method_label(r["method"]))
+        out.append(f"<tr><td><a href='#img-{esc(r['name'])}'>{esc(r['name'])}</a></td><td>{method}</td>"
                    + "".join(f"<td>{_fmt(r.get(c), c) if M.column_spec(c).kind != 'set' else ''}</td>" for c in cols)
                    + "</tr>")
     for method, values in report.means.items():
-        out.append(f"<tr class='mean'><td>mean ({report.counts[method]})</td><td>{method}</td>"
+        label = esc(report.method_label(method))
+        out.append(f"<tr class='mean'><td>mean ({report.counts[method]})</td><td>{label}</td>"
                    + "".join(f"<td>{_fmt(values.get(c), c)}</td>" for c in cols) + "</tr>")
     out.append("</table>")
     for line in missing_lines(report, limit=50):
@@ -291,11 +300,13 @@ def write_html(report: EvaluationReport, path: str | Path, max_images: int = 20,
     out.append("<div class='controls'>zoom <input id='zoom' type='range' min='1' max='8' step='1' value='2'> "
                "<span id='zoomlabel'>2x</span> &nbsp; (click a row of crops to double it)</div>")
     names = list(report.paths)
+    baseline_key = (report.settings.get("baseline") or {}).get("name")
     for name in names[:max_images]:
         p = report.paths[name]
         try:
             sr, gt = load_image(p["sr"]).rgb, load_image(p["gt"]).rgb
             lq = load_image(p["lq"]).rgb if p.get("lq") else None
+            learned = load_image(p[baseline_key]).rgb if baseline_key and p.get(baseline_key) else None
         except (ImageLoadError, OSError) as err:
             out.append(f"<p class='warn'>{esc(name)}: {esc(str(err))}</p>")
             continue
@@ -307,6 +318,8 @@ def write_html(report: EvaluationReport, path: str | Path, max_images: int = 20,
         if lq is not None:
             panels.append(("LQ (nearest)", lq.resize(gt.size, Image.Resampling.NEAREST)))
             panels.append(("bicubic", bicubic_baseline(lq, gt.size)))
+        if learned is not None:
+            panels.append((report.method_label(baseline_key), learned))
         panels += [("SR", sr), ("GT", gt)]
         for label, box in pick_crops(sr, gt, crop_size, crops_per_image):
             out.append(f"<div class='crops' title='{esc(label)}, box {box}'>")

@@ -315,3 +315,70 @@ def register_checkpoint_hooks(
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments shared by the training scripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_training_arguments(parser, *, output_dir: str, tracker_project_name: str) -> None:
+    """The optimisation, checkpoint, logging and validation flags every training script takes (same names, same
+    meaning); a script changes a default with ``parser.set_defaults``."""
+    # optimisation
+    parser.add_argument("--output_dir", type=str, default=output_dir)
+    parser.add_argument("--seed", type=int, default=0, help="Seeds everything; the run is reproducible given it.")
+    parser.add_argument("--train_batch_size", type=int, default=6, help="Per-device batch (6 official).")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=4, help="4 official.")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant",
+                        help='"constant" (official), "constant_with_warmup", "linear", "cosine", ...')
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0,
+                        help="Clip the gradient norm of the trainable weights at this value; 0 = off. Default: "
+                             "%(default)s, as in diffusers' training examples, a guard against loss spikes from "
+                             "single bad batches in small-batch runs started without a config. The official recipe "
+                             "(Lightning, no clipping) and both shipped configs (configs/train_sft_*.yaml) set 0.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="Frozen weights in this dtype; trainable weights stay float32.")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trainable weights (saved at the end).")
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    # checkpoints, logging, validation
+    parser.add_argument("--checkpointing_steps", type=int, default=1500, help="1500 official.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='"latest" (newest checkpoint in --output_dir, or a fresh start) or a checkpoint path.')
+    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--tracker_project_name", type=str, default=tracker_project_name)
+    parser.add_argument("--validation_images", type=str, nargs="*", default=None, help="LQ images restored at validation.")
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument("--validation_num_inference_steps", type=int, default=20)
+    parser.add_argument("--validation_upscale", type=float, default=None, help="Default: the degradation scale.")
+
+
+def parse_with_config(parser, input_args: list[str] | None, script: str):
+    """Parse ``input_args`` with the values of the ``--config`` YAML (keys = flag names) as defaults; the command
+    line wins. An unknown key in the YAML is an error naming it."""
+    import argparse
+
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", type=str, default=None)
+    known, _ = config_parser.parse_known_args(input_args)
+    if known.config:
+        values = load_yaml(known.config)
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown key(s) {unknown}; keys are the flag names of {script}")
+        parser.set_defaults(**values)
+    return parser.parse_args(input_args)

@@ -419,17 +419,23 @@ def test_lora_trains_checkpoints_resumes_and_loads(small_pipeline_dir, data, tmp
     assert [k for k in lora if not torch.equal(again[k], lora[k])] == []
     assert [k for k in trained if not torch.equal(trained_again[k], trained[k])] == []
 
+    # The folder loads with its LoRA (StableSRPipeline.from_pretrained finds pytorch_lora_weights.safetensors beside
+    # model_index.json); the UNet folder itself stays the stock one.
     pipe = StableSRPipeline.from_pretrained(out)
     base = StableSRPipeline.from_pretrained(small_pipeline_dir)
-    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in base.unet.state_dict().items())
+    state = pipe.unet.state_dict()
+    stock = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    assert stock.keys() == base.unet.state_dict().keys()
+    assert all(torch.equal(v, stock[k]) for k, v in base.unet.state_dict().items())
+    assert len([k for k in state if "lora_B" in k]) == len(lora_b)
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), pipe.prompt_embedding()
     with torch.no_grad():
-        before = pipe.unet(x, t, encoder_hidden_states=ctx).sample
-        pipe.unet.load_lora_adapter(out, weight_name=train_sft.LORA_WEIGHT_NAME, prefix="unet")
+        before = base.unet(x, t, encoder_hidden_states=ctx).sample
         after = pipe.unet(x, t, encoder_hidden_states=ctx).sample
-    loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora_B" in k}
-    assert len(loaded) == len(lora_b)
+        base.unet.load_lora_adapter(out, weight_name=train_sft.LORA_WEIGHT_NAME, prefix="unet")  # the manual way
+        manual = base.unet(x, t, encoder_hidden_states=ctx).sample
     assert not torch.allclose(before, after)
+    torch.testing.assert_close(manual, after, rtol=0, atol=0)
 
 
 def test_ema_weights_are_the_moving_average_of_the_steps(small_pipeline_dir, data, tmp_path, one_thread):
@@ -551,3 +557,64 @@ def test_loss_target_matches_the_prediction_type(small_pipeline_dir, data, tmp_p
     assert_close_rel(seen["target"], expected, rtol=1e-5, name=f"train target ({prediction_type})")
     if prediction_type == "v_prediction":
         assert not torch.allclose(seen["target"].double(), eps, atol=1e-2)
+
+
+def _tiny_turbo_folder(small_pipeline_dir, root: Path) -> Path:
+    """A stock SD-Turbo-shaped folder (vae, unet, Euler scheduler with trailing spacing, CLIP text encoder), tiny."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stablesr import StableSRPipeline
+
+    pipe = StableSRPipeline.from_pretrained(small_pipeline_dir)
+    folder = root / "sd-turbo-tiny"
+    pipe.vae.save_pretrained(folder / "vae")
+    pipe.unet.save_pretrained(folder / "unet")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           timestep_spacing="trailing").save_pretrained(folder / "scheduler")
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=pipe.unet.config.cross_attention_dim,
+                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=77))
+    text.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+def test_train_timesteps_option():
+    assert train_sft.training_timesteps("uniform", 1000) is None
+    assert train_sft.training_timesteps("respaced:4", 1000).tolist() == [0, 333, 666, 999]
+    assert train_sft.training_timesteps("999, 500", 1000).tolist() == [500, 999]
+    for bad in ("respaced:x", "1000", "", "-1,5"):
+        with pytest.raises(ValueError, match="train_timesteps"):
+            train_sft.training_timesteps(bad, 1000)
+
+
+def test_turbo_config_trains_at_the_four_timesteps_and_stores_four_steps(small_pipeline_dir, data, tmp_path,
+                                                                         one_thread, monkeypatch):
+    """configs/train_sft_turbo.yaml on a tiny SD-Turbo-shaped folder (--from_scratch): the loss only sees the official
+    4-step timesteps 999/666/333/0, and the saved folder restores in 4 steps by default."""
+    from stablesr import StableSRPipeline
+    from stablesr.schedulers import StableSRDDPMScheduler
+
+    seen = []
+    original = StableSRDDPMScheduler.add_noise
+
+    def recording(self, samples, noise, timesteps):
+        seen.extend(torch.as_tensor(timesteps).flatten().tolist())
+        return original(self, samples, noise, timesteps)
+
+    monkeypatch.setattr(StableSRDDPMScheduler, "add_noise", recording)
+    base = _tiny_turbo_folder(small_pipeline_dir, tmp_path)
+    out = tmp_path / "turbo"
+    result = train_sft.main(train_sft.parse_args([
+        f"--config={REPO / 'configs' / 'train_sft_turbo.yaml'}", f"--pretrained_model_name_or_path={base}",
+        f"--time_aware_encoder_config={small_pipeline_dir / 'time_aware_encoder' / 'config.json'}",
+        f"--train_data_config={data / 'hq.yaml'}", f"--degradation_config={REPO / 'configs/degradation/stablesr.yaml'}",
+        f"--output_dir={out}", "--resolution=64", "--train_batch_size=2", "--gradient_accumulation_steps=1",
+        "--max_train_steps=3", "--checkpointing_steps=0", "--report_to=none", "--dataloader_num_workers=0"]))
+    assert result["global_step"] == 3
+    assert len(seen) == 6 and set(seen) <= {0, 333, 666, 999}, seen
+    pipe = StableSRPipeline.from_pretrained(out)
+    assert pipe.config.default_num_inference_steps == 4
+    pipe.scheduler.set_timesteps(pipe.config.default_num_inference_steps)
+    assert pipe.scheduler.timesteps.tolist() == [999, 666, 333, 0]

@@ -57,10 +57,12 @@ from stablesr.pipelines.pipeline_stablesr import StableSRPipeline
 from stablesr.schedulers import StableSRDDPMScheduler
 from stablesr.training_utils import (
     TrainState,
+    add_training_arguments,
     check_data_parallel_only,
     check_distributed_launch,
     load_yaml,
     make_generator,
+    parse_with_config,
     per_sample_randint,
     per_sample_randn,
     register_checkpoint_hooks,
@@ -112,61 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Degradation table YAML (default: StableSR 512, configs/degradation/stablesr.yaml).")
     parser.add_argument("--resolution", type=int, default=512, help="GT crop side in pixels (512 official).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    # optimisation
-    parser.add_argument("--output_dir", type=str, default="stablesr-sft")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds everything; the run is reproducible given it.")
-    parser.add_argument("--train_batch_size", type=int, default=6, help="Per-device batch (6 official).")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=4, help="4 official.")
-    parser.add_argument("--num_train_epochs", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch x accumulation x processes.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant",
-                        help='"constant" (official), "constant_with_warmup", "linear", "cosine", ...')
-    parser.add_argument("--lr_warmup_steps", type=int, default=0)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0,
-                        help="Clip the gradient norm of the trainable weights at this value; 0 = off. Default: "
-                             "%(default)s, as in diffusers' training examples, a guard against loss spikes from "
-                             "single bad batches in small-batch runs started without a config. The official recipe "
-                             "(Lightning, no clipping) and both shipped configs (configs/train_sft_*.yaml) set 0.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="Frozen weights in this dtype; trainable weights stay float32.")
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--allow_tf32", action="store_true")
-    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trainable weights (saved at the end).")
-    parser.add_argument("--ema_decay", type=float, default=0.9999)
-    # checkpoints, logging, validation
-    parser.add_argument("--checkpointing_steps", type=int, default=1500, help="1500 official.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='"latest" (newest checkpoint in --output_dir, or a fresh start) or a checkpoint path.')
-    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--tracker_project_name", type=str, default="stablesr-sft")
-    parser.add_argument("--validation_images", type=str, nargs="*", default=None, help="LQ images restored at validation.")
-    parser.add_argument("--validation_steps", type=int, default=500)
-    parser.add_argument("--validation_num_inference_steps", type=int, default=20)
-    parser.add_argument("--validation_upscale", type=float, default=None, help="Default: the degradation scale.")
+    # timesteps and restore defaults
+    parser.add_argument("--train_timesteps", type=str, default="uniform",
+                        help='Timesteps t of the training loss: "uniform" = all of [0, num_train_timesteps) (official), '
+                             '"respaced:N" = only those the official respaced DDPM visits at N steps (a few-step base '
+                             'such as SD-Turbo at 4 steps: 999,666,333,0), or a comma-separated list.')
+    parser.add_argument("--default_num_inference_steps", type=int, default=None,
+                        help="Steps stored in the output folder for restoring (default: the starting folder's, or 200 "
+                             "with --from_scratch); 4 for a turbo base.")
+    add_training_arguments(parser, output_dir="stablesr-sft", tracker_project_name="stablesr-sft")
     return parser
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config", type=str, default=None)
-    known, _ = config_parser.parse_known_args(input_args)
-    if known.config:
-        values = load_yaml(known.config)
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - dests)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown key(s) {unknown}; keys are the flag names of train_sft.py")
-        parser.set_defaults(**values)
-    args = parser.parse_args(input_args)
+    args = parse_with_config(build_parser(), input_args, "train_sft.py")
 
     # Validation
     if not args.pretrained_model_name_or_path:
@@ -180,6 +141,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--train_batch_size and --gradient_accumulation_steps must be >= 1")
     if args.lora_rank < 0:
         raise ValueError(f"--lora_rank must be >= 0, got {args.lora_rank}")
+    training_timesteps(args.train_timesteps, 1000)  # raises on a malformed value
+    if args.default_num_inference_steps is not None and args.default_num_inference_steps < 1:
+        raise ValueError(f"--default_num_inference_steps must be >= 1, got {args.default_num_inference_steps}")
     for path in args.validation_images or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--validation_images: {path} does not exist")
@@ -267,6 +231,26 @@ def load_components(args, with_trainable: bool = True) -> Components:
     )
 
 
+def training_timesteps(spec: str, num_train_timesteps: int) -> torch.Tensor | None:
+    """The timesteps ``--train_timesteps`` allows, ascending, or None for "uniform" (every timestep)."""
+    from stablesr.schedulers import space_timesteps
+
+    spec = str(spec).strip()
+    if spec == "uniform":
+        return None
+    try:
+        if spec.startswith("respaced:"):
+            values = space_timesteps(num_train_timesteps, [int(spec.split(":", 1)[1])])
+        else:
+            values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or max(values) >= num_train_timesteps:
+        raise ValueError(f'--train_timesteps must be "uniform", "respaced:N" or a comma-separated list of integers '
+                         f"in [0, {num_train_timesteps}), got {spec!r}")
+    return torch.tensor(sorted(set(values)), dtype=torch.long)
+
+
 def vae_encode(vae: AutoencoderKL, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Scaled latent ``posterior.sample() * scaling_factor`` of (B, 3, H, W) images in [0, 1] (official
     ``get_first_stage_encoding``), with the posterior noise given explicitly."""
@@ -346,15 +330,22 @@ def synthesize_batch(
     return SynthesizedBatch(target=target, lq_upsampled=lq_up, z_gt=z_gt, z_lq=z_lq)
 
 
-def save_lora(unet, output_dir: str | os.PathLike) -> None:
+def save_lora(unet, output_dir: str | os.PathLike, adapter_name: str = "default") -> None:
+    """The UNet's LoRA ``adapter_name`` as diffusers' ``pytorch_lora_weights.safetensors`` (``unet.`` prefix), with
+    its peft config in the file's ``lora_adapter_metadata``, so ``load_lora_adapter`` rebuilds exactly the trained
+    adapter (target modules, rank, alpha) instead of guessing it from the key names."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    config = {}
+    for key, value in unet.peft_config[adapter_name].to_dict().items():
+        config[f"unet.{key}"] = sorted(value) if isinstance(value, set) else value
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     save_file({f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()},
-              os.path.join(output_dir, LORA_WEIGHT_NAME))
+              os.path.join(output_dir, LORA_WEIGHT_NAME), metadata=metadata)
 
 
 def load_lora(unet, input_dir: str | os.PathLike) -> None:
@@ -626,6 +617,10 @@ def main(args: argparse.Namespace) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     prompt_embeds = parts.prompt_embedding().to(device, dtype=weight_dtype)
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    allowed_timesteps = training_timesteps(args.train_timesteps, num_timesteps)
+    if allowed_timesteps is not None:
+        logger.info(f"training at {len(allowed_timesteps)} timestep(s): {allowed_timesteps.tolist()}")
+        allowed_timesteps = allowed_timesteps.to(device)
     losses: list[float] = []
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -644,7 +639,10 @@ def main(args: argparse.Namespace) -> dict:
             )
             z_gt, z_lq = inputs.z_gt, inputs.z_lq
             shape = z_gt.shape[1:]
-            timesteps = per_sample_randint(gens, 0, num_timesteps, device)
+            if allowed_timesteps is None:
+                timesteps = per_sample_randint(gens, 0, num_timesteps, device)
+            else:  # one draw per sample either way
+                timesteps = allowed_timesteps[per_sample_randint(gens, 0, len(allowed_timesteps), device)]
             noise = per_sample_randn(gens, shape, device)
             noisy = noise_scheduler.add_noise(z_gt, noise, timesteps)
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(z_gt, noise, timesteps)
@@ -725,7 +723,7 @@ def main(args: argparse.Namespace) -> dict:
             scheduler=base.scheduler,
             cfw_adapter=base.cfw_adapter,
             prompt_embedding=base.prompt_embedding,
-            default_num_inference_steps=base.default_num_inference_steps,
+            default_num_inference_steps=args.default_num_inference_steps or base.default_num_inference_steps,
         )
         pipeline.save_pretrained(output_dir, safe_serialization=True)
         with open(output_dir / "training_args.json", "w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .degrade import add_degrade_parser
     from .evaluate import add_evaluate_parser
     from .fidelity_curve import add_fidelity_curve_parser
+    from .models import add_models_parser
     from .restore import add_restore_parser
     from .ui import add_ui_parser
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_restore_parser, add_convert_parser, add_degrade_parser, add_evaluate_parser,
-                add_fidelity_curve_parser, add_ui_parser):
+                add_fidelity_curve_parser, add_ui_parser, add_models_parser):
         add(sub)
     return parser
 

@@ -2,7 +2,8 @@
 
 The work is [`stablesr.fidelity_curve.fidelity_curve`]; this module turns options into that call and writes
 ``fidelity_curve.csv``, ``fidelity_curve.json``, ``fidelity_curve.png`` (and ``images/NAME_w0.25.png`` with
-``--save-images``) into the output folder.
+``--save-images``) into the output folder. ``--baseline realesrgan --baseline-weights RealESRGAN_x4plus.pth`` adds
+Real-ESRGAN on the same inputs as a table row and a reference line in the plot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from ..color import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX
 from ..fidelity_curve import DEFAULT_METRICS, DEFAULT_WEIGHTS
 from .common import CLIError, add_model_arguments, parse_weights, pipeline_from_args
+from .evaluate import add_baseline_arguments, baseline_from_args
 
 
 def add_fidelity_curve_parser(subparsers) -> None:
@@ -41,13 +43,14 @@ def add_fidelity_curve_parser(subparsers) -> None:
     f.add_argument("--crop-border", type=int, default=4)
     f.add_argument("--metric-backend", choices=("auto", "torchmetrics", "pyiqa"), default="auto")
     f.add_argument("--save-images", action="store_true", help="also save every decode as images/NAME_w0.25.png")
+    add_baseline_arguments(f)
     f.add_argument("--recursive", action="store_true")
     f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=cmd_fidelity_curve)
 
 
-def _ground_truth(gt: str, files: list[Path]) -> list[Path | None]:
-    """The file of ``gt`` with each input's stem, or None (listed on stderr)."""
+def _ground_truth(gt: str, files: list[Path], report: bool = True) -> list[Path | None]:
+    """The file of ``gt`` with each input's stem, or None (listed on stderr when ``report``)."""
     from ..image_io import iter_image_files
 
     gt_dir = Path(gt)
@@ -56,19 +59,19 @@ def _ground_truth(gt: str, files: list[Path]) -> list[Path | None]:
     index = {p.stem: p for p in iter_image_files(gt_dir)}
     gt_files = [index.get(f.stem) for f in files]
     missing = [f.name for f, g in zip(files, gt_files, strict=True) if g is None]
-    if missing:
+    if missing and report:
         print(f"no ground truth for {len(missing)} input(s): {', '.join(missing[:10])}", file=sys.stderr)
     return gt_files
 
 
 def cmd_fidelity_curve(args) -> int:
-    import torch
-
     from .. import metrics as M
+    from ..distributed import file_seed, launched_processes, process_device
     from ..fidelity_curve import fidelity_curve
     from ..image_io import ImageLoadError, iter_image_files, save_image
-    from ..loading import resolve_device
 
+    # Under `accelerate launch` each process samples its share of the inputs; the main process writes the report.
+    processes = launched_processes(args.device)
     weights = parse_weights(args.weights, "--weights")
     if not weights:
         raise CLIError(f"fidelity weights must be in [0, 1], got {args.weights}")
@@ -76,20 +79,25 @@ def cmd_fidelity_curve(args) -> int:
         files = iter_image_files(args.inputs, recursive=args.recursive)
     except FileNotFoundError as err:
         raise CLIError(str(err)) from None
-    gt_files = _ground_truth(args.gt, files) if args.gt else None
+    gt_files = _ground_truth(args.gt, files, report=processes.is_main) if args.gt else None
     metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metric_names if m not in M.METRICS]
     if unknown:
         raise CLIError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(M.METRICS)}")
 
-    device = resolve_device(args.device)
-    pipe = pipeline_from_args(args)
+    device, device_warning = process_device(args.device, processes)
+    if device_warning and processes.is_main:
+        print(f"warning: {device_warning}", file=sys.stderr)
+    args.device = device
+    baseline = baseline_from_args(args, device)
+    with processes.local_main_first():  # one process per machine converts and caches a model first
+        pipe = pipeline_from_args(args)
     if pipe.cfw_adapter is None:
         raise CLIError(
             f"{args.model} has no CFW, so every fidelity weight decodes to the same image and the curve is flat. "
             "With an official .ckpt pass --cfw vqgan_cfw_00011.ckpt"
         )
-    pipe.set_progress_bar_config(leave=False, disable=args.quiet)
+    pipe.set_progress_bar_config(leave=False, disable=args.quiet or not processes.is_local_main)
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,17 +113,23 @@ def cmd_fidelity_curve(args) -> int:
             crop_border=args.crop_border, upscale=args.upscale, color_fix=args.color_fix,
             vae_tile_size=args.vae_tile_size or None, metric_backend=args.metric_backend,
             metric_device=device if device != "mps" else "cpu", on_image=save, num_inference_steps=args.steps,
-            tile_size=args.tile_size, tile_overlap=args.tile_overlap, start=args.start,
-            generator=torch.Generator(device="cpu").manual_seed(args.seed),
+            tile_size=args.tile_size, tile_overlap=args.tile_overlap, start=args.start, baseline=baseline,
+            seeds=[file_seed(args.seed, f.name) for f in files], processes=processes,
         )
     except (ImageLoadError, ValueError) as err:
         raise CLIError(str(err)) from None
+    if not processes.is_main:  # every process has the whole table; the main one reports it
+        return 0
     paths = [curve.write_csv(out / "fidelity_curve.csv"), curve.write_json(out / "fidelity_curve.json"),
              curve.plot(out / "fidelity_curve.png")]
     cols = [c for c in curve.metrics if c != "consistency_mse"]
     print("w      " + "  ".join(f"{c:>12s}" for c in cols))
     for r in curve.mean_rows():
         print(f"{r['weight']:<6g} " + "  ".join(f"{'-' if r[c] is None else f'{r[c]:.4f}':>12s}" for c in cols))
+    reference = curve.baseline_mean()
+    if reference is not None:
+        print(f"{curve.baseline['label']}: " + "  ".join(
+            f"{c} {'-' if reference[c] is None else f'{reference[c]:.4f}'}" for c in cols))
     for c in cols:
         best = curve.best_weight(c)
         if best is not None:

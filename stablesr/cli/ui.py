@@ -62,8 +62,8 @@ def cmd_ui(args) -> int:
     if args.share or not _is_loopback(args.host):
         print("warning: the web UI has no authentication; anyone who can reach it can use this machine's "
               f"{'GPU' if device.startswith('cuda') else 'compute'}", file=sys.stderr)
-    print(f"loading {args.model} on {device} ({args.dtype}) ...", file=sys.stderr)
-    pipe = pipeline_from_args(args)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    pipe = pipeline_from_args(args)  # prints the device and the dtype (--dtype auto: chosen for the device)
     demo = build_app(pipe, max_upload_pixels=args.max_upload_pixels, concurrency_limit=args.concurrency,
                      max_queue=args.max_queue, max_output_pixels=args.max_output_pixels, max_file_size=max_file_size,
                      max_sessions=args.max_sessions, default_steps=args.steps)

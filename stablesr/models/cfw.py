@@ -31,6 +31,10 @@ from diffusers.models.unets.unet_2d_blocks import DownEncoderBlock2D, UpDecoderB
 from diffusers.utils import BaseOutput
 from torch import nn
 
+# The RRDB blocks live with RRDBNet (the Real-ESRGAN baseline uses them too); imported here so that
+# ``stablesr.models.cfw.RRDB`` / ``.ResidualDenseBlock`` keep working.
+from .rrdbnet import RRDB, ResidualDenseBlock  # noqa: F401
+
 # The official fusion blocks hard-code LDM's Normalize(): GroupNorm(32 groups, eps 1e-6, affine).
 _NORM_GROUPS = 32
 _NORM_EPS = 1e-6
@@ -72,58 +76,6 @@ class CFWResBlock(nn.Module):
         residual = self.conv2(F.silu(self.norm2(residual)))
         shortcut = hidden_states if self.conv_out is None else self.conv_out(hidden_states)
         return residual + shortcut
-
-
-class ResidualDenseBlock(nn.Module):
-    """ESRGAN residual dense block: 5 densely connected 3x3 convs, LeakyReLU(0.2), output ``0.2 * x5 + x``.
-
-    Port of BasicSR ``basicsr/archs/rrdbnet_arch.py:ResidualDenseBlock`` (BasicSR is not a dependency). Its
-    initialisation matters only for training from scratch: BasicSR's ``default_init_weights(..., 0.1)`` draws every
-    conv weight from kaiming-normal (fan_in, gain sqrt(2)) and scales it by 0.1, with zero bias.
-
-    Args:
-        channels (`int`): Feature channels in and out.
-        growth_channels (`int`): Channels added by each of the first four convs.
-    """
-
-    def __init__(self, channels: int, growth_channels: int = 32):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, growth_channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels + growth_channels, growth_channels, 3, padding=1)
-        self.conv3 = nn.Conv2d(channels + 2 * growth_channels, growth_channels, 3, padding=1)
-        self.conv4 = nn.Conv2d(channels + 3 * growth_channels, growth_channels, 3, padding=1)
-        self.conv5 = nn.Conv2d(channels + 4 * growth_channels, channels, 3, padding=1)
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
-            nn.init.kaiming_normal_(conv.weight)
-            with torch.no_grad():
-                conv.weight.mul_(0.1)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        features = [hidden_states]
-        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            features.append(F.leaky_relu(conv(torch.cat(features, dim=1)), negative_slope=0.2))
-        return self.conv5(torch.cat(features, dim=1)) * 0.2 + hidden_states
-
-
-class RRDB(nn.Module):
-    """Residual-in-residual dense block: three [`ResidualDenseBlock`] in a row, output ``0.2 * rdb3(...) + x``.
-
-    Port of BasicSR ``basicsr/archs/rrdbnet_arch.py:RRDB`` (submodule names ``rdb1..rdb3`` kept).
-
-    Args:
-        channels (`int`): Feature channels in and out.
-        growth_channels (`int`): Growth channels of each dense block.
-    """
-
-    def __init__(self, channels: int, growth_channels: int = 32):
-        super().__init__()
-        self.rdb1 = ResidualDenseBlock(channels, growth_channels)
-        self.rdb2 = ResidualDenseBlock(channels, growth_channels)
-        self.rdb3 = ResidualDenseBlock(channels, growth_channels)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.rdb3(self.rdb2(self.rdb1(hidden_states))) * 0.2 + hidden_states
 
 
 class CFWFusionBlock(nn.Module):

@@ -215,7 +215,8 @@ class SFTAdapter(ModelMixin, ConfigMixin):
                 raise RuntimeError(f"{name} is already wrapped by another SFT adapter")
             if conv.out_channels != channels:
                 raise ValueError(f"{name} has {conv.out_channels} channels but this adapter expects {channels}")
-            layer.to(device=conv.weight.device)
+            if conv.weight.device.type != "meta":  # sequential offload keeps the UNet's weights in its hooks
+                layer.to(device=conv.weight.device)
             wrapper = SFTConv2d(conv, layer, name)
             parent_name, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent_name), child, wrapper)

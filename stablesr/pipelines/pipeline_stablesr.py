@@ -2,7 +2,9 @@
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -36,6 +38,62 @@ from ..tiling import TileAccumulator, gaussian_tile_weights, tile_grid
 logger = logging.get_logger(__name__)
 
 STARTS = ("lq", "noise")
+
+
+class NonFiniteOutputError(RuntimeError):
+    """Sampling or decoding produced NaN/inf (a half-precision overflow, in practice): raised instead of writing a
+    black image. The message names the stage, the dtype and the fix."""
+
+
+def _check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        fix = ("run in bf16 (--dtype bf16, GPUs with native bf16) or fp32 (--dtype fp32)"
+               if dtype == torch.float16 else "run in fp32 (--dtype fp32)")
+        raise NonFiniteOutputError(f"{what} produced NaN/inf values in {str(dtype).removeprefix('torch.')}: {fix}")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""File of a folder's UNet LoRA (diffusers' name; keys ``unet.<module>.lora_A/B.weight``)."""
+
+
+def load_unet_lora(unet: UNet2DConditionModel, path: str | os.PathLike) -> None:
+    """Load the LoRA file ``path`` (diffusers format, ``unet.`` prefix, as ``train_sft.save_lora`` writes it) into
+    ``unet`` as its active adapter.
+
+    Raises:
+        ImportError: peft is not installed (it is a dependency of stablesr's training extras).
+        ValueError: the file holds keys that match no UNet module.
+    """
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{path} is a UNet LoRA; loading it needs peft (`pip install peft`)") from None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        file_metadata = f.metadata() or {}
+    if not keys or not all(k.startswith("unet.") and ".lora" in k for k in keys):
+        raise ValueError(f"{path} is not a UNet LoRA file (expected diffusers LoRA keys 'unet.<module>.lora...')")
+    stored = file_metadata.get("lora_adapter_metadata")
+    if stored is None:  # a file without its config: diffusers infers it from the key names
+        unet.load_lora_adapter(str(Path(path).parent), weight_name=Path(path).name, prefix="unet",
+                               adapter_name="default")
+        return
+    # The trained adapter's own config (target modules, rank, alpha), as train_sft.save_lora writes it.
+    import json
+
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = {k.removeprefix("unet."): v for k, v in json.loads(stored).items() if k.startswith("unet.")}
+    accepted = inspect.signature(LoraConfig.__init__).parameters
+    unet.add_adapter(LoraConfig(**{k: v for k, v in config.items() if k in accepted}), adapter_name="default")
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in load_file(str(path)).items()})
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{path}: LoRA tensors {unexpected[:3]} match no module of the UNet")
 
 
 def _batch_embeds(prompt_embeds: torch.Tensor, batch: int) -> torch.Tensor:
@@ -109,7 +167,12 @@ class StableSRPipeline(DiffusionPipeline):
         default_num_inference_steps (`int`): steps when the caller gives none (200 official, 4 for the turbo model).
     """
 
-    model_cpu_offload_seq = "text_encoder->time_aware_encoder->unet->vae"
+    # The time-aware encoder runs once per UNet call, so it is not in the chain (a chained model is offloaded each
+    # time the next one runs: it would move every step); like ControlNet in diffusers it gets its own hook, as do
+    # the adapters. The SFT and CFW layers live inside the UNet / VAE while they run and move with them.
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    # A buffer without parameters, which accelerate's offload hooks cannot handle; tiny, so it stays on the device.
+    _exclude_from_cpu_offload = ["prompt_embedding"]
     _optional_components = ["cfw_adapter", "prompt_embedding", "text_encoder", "tokenizer"]
 
     def __init__(
@@ -139,6 +202,22 @@ class StableSRPipeline(DiffusionPipeline):
         )
         self.register_to_config(default_num_inference_steps=default_num_inference_steps)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """[`DiffusionPipeline.from_pretrained`], plus the UNet LoRA of a folder that carries one.
+
+        A folder made by ``train/train_sft.py --lora_rank N`` or ``train/train_distill.py`` keeps the UNet stock and
+        its LoRA weights in ``pytorch_lora_weights.safetensors`` beside ``model_index.json``; they are loaded into the
+        UNet here (needs peft), so every caller (``stablesr restore``, the web UI, fidelity-curve) runs the model as
+        trained. A folder saved with the LoRA merged has no such file.
+        """
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(str(pretrained_model_name_or_path))
+        lora = folder / LORA_WEIGHT_NAME
+        if folder.is_dir() and lora.is_file():
+            load_unet_lora(pipe.unet, lora)
+        return pipe
+
     # ------------------------------------------------------------------------------------------------- properties
     @property
     def vae_scale_factor(self) -> int:
@@ -155,6 +234,40 @@ class StableSRPipeline(DiffusionPipeline):
         return int(self.unet.config.sample_size)
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def prepare_half_precision(self) -> None:
+        """fp16 overflow guards, applied at the start of [`__call__`] and [`decode_latents`] (cheap; idempotent).
+
+        float16 tops out at 65504, and SD 2.x overflows it in two known places (bf16 and fp32 need none of this):
+
+        - attention scores: every diffusers ``Attention`` of an fp16 UNet / VAE gets ``upcast_attention`` (scores and
+          softmax in float32, like the official ``ATTN_PRECISION=fp32``). It matters for processors that compute the
+          scores themselves (classic, sliced attention); the default SDPA and xformers kernels accumulate them in
+          float32 already, so it costs them nothing.
+        - the VAE: an fp16 VAE whose config sets ``force_upcast`` (diffusers' default, as for the SD VAE) is cast to
+          float32 with the CFW adapter, once (diffusers' rule for VAEs that overflow in fp16). Opt out with
+          ``pipe.vae.register_to_config(force_upcast=False)``.
+
+        A NaN/inf that still appears stops the run with [`NonFiniteOutputError`] instead of a black image.
+        """
+        from diffusers.models.attention_processor import Attention
+
+        for model in (self.unet, self.vae):
+            if model.dtype == torch.float16:
+                for module in model.modules():
+                    if isinstance(module, Attention):
+                        module.upcast_attention = True
+                        module.upcast_softmax = True
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", True):
+            offloaded = [m for m in (self.vae, self.cfw_adapter) if m is not None and hasattr(m, "_hf_hook")]
+            if any(p.device.type == "meta" for m in offloaded for p in m.parameters()):
+                logger.warning("the fp16 VAE is sequentially offloaded and cannot be upcast now: upcast it before "
+                               "enabling offload (stablesr.acceleration.enable_offload does)")
+                return
+            logger.info("fp16 VAE with force_upcast: running the VAE (and CFW) in float32 (fp16 overflows in it)")
+            self.vae.to(dtype=torch.float32)
+            if self.cfw_adapter is not None:
+                self.cfw_adapter.to(dtype=torch.float32)
+
     def check_inputs(self, upscale, fidelity_weight, color_fix, start, tile_size, tile_overlap, num_inference_steps):
         if not (isinstance(upscale, (int, float)) and upscale > 0 and math.isfinite(upscale)):
             raise ValueError(f"upscale must be a positive number, got {upscale!r}")
@@ -361,6 +474,7 @@ class StableSRPipeline(DiffusionPipeline):
                 elif "generator" in step_params:  # e.g. UniPC's step takes no generator
                     kwargs["generator"] = generator
                 latents = self.scheduler.step(model_output, t, latents, **kwargs).prev_sample
+                _check_finite(latents, f"sampling step {i + 1}", self.unet.dtype)
                 if callback is not None:
                     callback(i, t, latents)
                 progress_bar.update()
@@ -383,6 +497,7 @@ class StableSRPipeline(DiffusionPipeline):
             raise ValueError(f"fidelity_weight must be in [0, 1], got {fidelity_weight}")
         if color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {color_fix!r}")
+        self.prepare_half_precision()
         device = self._execution_device
         lq_image = condition.lq_image.to(device=device, dtype=self.vae.dtype)
         raw = latents.to(device=device, dtype=self.vae.dtype) / self.vae.config.scaling_factor
@@ -395,7 +510,9 @@ class StableSRPipeline(DiffusionPipeline):
                 encoder_features=condition.cfw_features,
             ),
             *lq_image.shape[-2:], vae_tile_size, vae_tile_overlap, self.vae_scale_factor, "VAE decode",
-        ).float()
+        )
+        _check_finite(image, "the VAE decode", self.vae.dtype)
+        image = image.float()
         image = apply_color_fix(image, lq_image.float(), color_fix)
         work_h, work_w = condition.work_size
         image = image[..., :work_h, :work_w]
@@ -481,6 +598,7 @@ class StableSRPipeline(DiffusionPipeline):
         generators = generator if isinstance(generator, list) else [generator] * len(images)
         if len(generators) != len(images):
             raise ValueError(f"got {len(generators)} generators for {len(images)} images")
+        self.prepare_half_precision()
         device = self._execution_device
 
         # 2. Prompt embedding (the stored empty-prompt embedding, as official)

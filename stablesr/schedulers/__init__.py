@@ -17,9 +17,11 @@ from .scheduling_stablesr_ddpm import RESPACED_TABLE_NAMES, StableSRDDPMSchedule
 
 __all__ = [
     "DEFAULT_SCHEDULER",
+    "DETERMINISTIC_SCHEDULERS",
     "RESPACED_TABLE_NAMES",
     "SCHEDULERS",
     "StableSRDDPMScheduler",
+    "deterministic_scheduler",
     "scheduler_from_name",
     "space_timesteps",
 ]
@@ -65,3 +67,19 @@ def scheduler_from_name(name: str, config):
     cls = _scheduler_class(name)
     accepted = inspect.signature(cls.__init__).parameters
     return cls.from_config({k: v for k, v in dict(config).items() if k in accepted})
+
+
+DETERMINISTIC_SCHEDULERS: tuple[str, ...] = ("dpmsolver", "ddim", "unipc")
+"""Scheduler names whose sampling is a deterministic map from the start latent (what a distillation teacher needs)."""
+
+
+def deterministic_scheduler(name: str, config):
+    """A deterministic scheduler of the named kind with ``trailing`` spacing, so its first timestep is the last
+    training timestep (999), where the official LQ start and a distilled student start too (DDIM with eta 0).
+
+    Raises:
+        ValueError: for a name outside [`DETERMINISTIC_SCHEDULERS`].
+    """
+    if name not in DETERMINISTIC_SCHEDULERS:
+        raise ValueError(f"{name!r} is not a deterministic scheduler; choose one of {', '.join(DETERMINISTIC_SCHEDULERS)}")
+    return scheduler_from_name(name, {**dict(config), "timestep_spacing": "trailing"})
