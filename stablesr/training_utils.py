@@ -382,3 +382,38 @@ def parse_with_config(parser, input_args: list[str] | None, script: str):
             raise ValueError(f"{known.config}: unknown key(s) {unknown}; keys are the flag names of {script}")
         parser.set_defaults(**values)
     return parser.parse_args(input_args)
+
+
+def start_training(args, sharding_unsupported: str):
+    """The start every training script shares: the `Accelerator` (accumulation, mixed precision, trackers, a sampler
+    shuffling from seed + epoch on every process, so resumable and equal across process counts), logging, the
+    data-parallel-only and launch checks, the seed, the output folder (stale temporaries removed) and TF32.
+
+    Returns:
+        ``(accelerator, output_dir)``.
+    """
+    import logging as std_logging
+
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=std_logging.INFO)
+    get_logger(__name__).info(accelerator.state, main_process_only=False)
+    check_distributed_launch(accelerator)
+    check_data_parallel_only(accelerator, sharding_unsupported)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator, output_dir

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import os
 import sys
@@ -52,9 +51,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import send_to_device
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -74,18 +72,16 @@ from stablesr.schedulers import DETERMINISTIC_SCHEDULERS, StableSRDDPMScheduler,
 from stablesr.training_utils import (  # noqa: E402
     TrainState,
     add_training_arguments,
-    check_data_parallel_only,
-    check_distributed_launch,
     load_yaml,
     make_generator,
     parse_with_config,
     per_sample_randint,
     per_sample_randn,
     register_checkpoint_hooks,
-    remove_stale_temporaries,
     resolve_resume_path,
     sample_generators,
     save_checkpoint,
+    start_training,
 )
 
 logger = get_logger(__name__)
@@ -277,24 +273,7 @@ def add_lora(unet, rank: int, alpha: float | None, adapter_name: str = "default"
 
 def main(args: argparse.Namespace) -> dict:
     """Distil; returns ``{"global_step", "losses"}`` (per-step total losses of this process's run)."""
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    check_distributed_launch(accelerator)
-    check_data_parallel_only(accelerator, SHARDING_UNSUPPORTED)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    accelerator, output_dir = start_training(args, SHARDING_UNSUPPORTED)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 

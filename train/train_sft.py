@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -38,9 +37,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import send_to_device
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
@@ -58,18 +56,16 @@ from stablesr.schedulers import StableSRDDPMScheduler
 from stablesr.training_utils import (
     TrainState,
     add_training_arguments,
-    check_data_parallel_only,
-    check_distributed_launch,
     load_yaml,
     make_generator,
     parse_with_config,
     per_sample_randint,
     per_sample_randn,
     register_checkpoint_hooks,
-    remove_stale_temporaries,
     resolve_resume_path,
     sample_generators,
     save_checkpoint,
+    start_training,
 )
 
 logger = get_logger(__name__)
@@ -424,25 +420,7 @@ def log_validation(args, accelerator, parts: Components, upscale: float, unet, e
 def main(args: argparse.Namespace) -> dict:
     """Train; returns ``{"global_step", "losses"}`` (the per-step training losses of this process's run)."""
     # 1. Accelerator, logging, seed -----------------------------------------------------------------------------
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        # Shuffling from (seed + epoch) on every process: resumable, and equal across process counts.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    check_distributed_launch(accelerator)
-    check_data_parallel_only(accelerator, SHARDING_UNSUPPORTED)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    accelerator, output_dir = start_training(args, SHARDING_UNSUPPORTED)
 
     # 2. Models ----------------------------------------------------------------------------------------------------
     parts = load_components(args)
