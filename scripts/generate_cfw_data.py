@@ -57,6 +57,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", choices=("model",) + DETERMINISTIC_SCHEDULERS, default="model",
                         help="model = the model's own (official DDPM); a deterministic one (trailing spacing, from "
                              "t=999) makes teacher results for train/train_distill.py --teacher_data.")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="Samples sampled at once (needs a deterministic --scheduler); same results up to rounding.")
     parser.add_argument("--seed", type=int, default=10000, help="Base seed (official README: 10000).")
     parser.add_argument("--num_shards", type=int, default=None, help="Default: accelerate's number of processes.")
     parser.add_argument("--shard_index", type=int, default=None, help="Default: accelerate's process index.")
@@ -71,6 +73,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--shard_index must be in [0, {args.num_shards - 1}], got {args.shard_index}")
     if args.gt_size < 0:
         parser.error(f"--gt_size must be >= 0, got {args.gt_size}")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.batch_size > 1 and args.scheduler == "model":
+        parser.error("--batch_size above 1 needs a deterministic sampler: add --scheduler dpmsolver (or ddim, unipc); "
+                     "the model's own DDPM draws noise at every step per sample")
     if args.num_inference_steps < 1:
         parser.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
     if args.lq_dir is not None and args.degradation_config is not None:
@@ -122,6 +129,7 @@ def main(args: argparse.Namespace):
         save_samples=not args.skip_samples,
         max_samples=args.max_samples,
         sampler=None if args.scheduler == "model" else args.scheduler,
+        batch_size=args.batch_size,
     )
     logger.info(
         f"shard {shard_index}/{num_shards}: {len(report.generated)} generated, {len(report.skipped)} already done, "

@@ -115,6 +115,11 @@ def _trained(folder) -> dict[str, torch.Tensor]:
     return out
 
 
+def _trained_parts(folder) -> dict[str, bytes]:
+    """The encoder and SFT weight files of an output folder, as bytes (for bit-for-bit comparisons)."""
+    return {part: (Path(folder) / part / "diffusion_pytorch_model.safetensors").read_bytes() for part in TRAINED}
+
+
 def _base(teacher_dir, teacher_data):
     return [f"--pretrained_model_name_or_path={teacher_dir}", f"--teacher_data={teacher_data / 'train'}"]
 
@@ -403,6 +408,70 @@ def test_generate_cfw_data_records_the_sampler(teacher_data):
     settings = json.loads((teacher_data / "train" / "cfw_data.json").read_text())["settings"]
     assert settings["sampler"] == "dpmsolver" and settings["num_inference_steps"] == TEACHER_STEPS
     assert re.fullmatch(r"\d{8}", sorted(p.stem for p in (teacher_data / "train" / "latents").iterdir())[0])
+
+
+def test_batched_teacher_data_matches_one_at_a_time(small_pipeline_dir, teacher_data, tmp_path, one_thread):
+    """generate_cfw_data(batch_size=4) samples 4 crops in one loop and writes what one-at-a-time generation wrote
+    (same crops, degradations and start noise; the latents within 1e-5 relative: batched kernels round differently);
+    an ancestral sampler (the official DDPM) cannot be batched and is refused with the fix."""
+    from stablesr import StableSRPipeline
+    from stablesr.cfw_data import CFWDataset, generate_cfw_data, list_sources
+    from stablesr.schedulers import deterministic_scheduler
+
+    pipe = StableSRPipeline.from_pretrained(small_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    sources = list_sources(teacher_data / "hq_train", None, 2)
+    with pytest.raises(ValueError, match="deterministic scheduler"):
+        generate_cfw_data(pipe, tmp_path / "ddpm", sources, gt_size=128, num_inference_steps=2, seed=DATA_SEED,
+                          save_samples=False, progress=False, batch_size=2)
+    pipe.scheduler = deterministic_scheduler("dpmsolver", pipe.scheduler.config)
+    report = generate_cfw_data(pipe, tmp_path / "batched", sources, gt_size=128, num_inference_steps=TEACHER_STEPS,
+                               seed=DATA_SEED, save_samples=False, progress=False, sampler="dpmsolver", batch_size=4,
+                               max_samples=4)
+    assert report.generated == [0, 1, 2, 3]
+    batched, single = CFWDataset(tmp_path / "batched"), CFWDataset(teacher_data / "train")
+    for i in range(4):
+        a, b = batched[i], single[i]
+        assert a["name"] == b["name"]
+        assert torch.equal(a["lq"], b["lq"]) and torch.equal(a["gt"], b["gt"])
+        assert train_distill.relative_l2(a["latents"][None], b["latents"][None]).item() < 1e-5
+
+
+def test_full_unet_student_reports_its_held_out_distance_and_resumes_exactly(small_pipeline_dir, teacher_data,
+                                                                              tmp_path):
+    """--full_unet trains every UNet weight and saves the whole UNet (no LoRA file); --validation_teacher_data records
+    the mean relative L2 to held-out teacher results before training (the undistilled student), at each validation
+    step and at the end, equal (1e-4) to the distance of the saved folder restoring through the pipeline; resuming
+    from a checkpoint gives the same UNet bit for bit."""
+    import shutil
+
+    held = teacher_data / "held"
+    args = _base(small_pipeline_dir, teacher_data) + EXACT_ARGS + [
+        "--full_unet", "--train_batch_size=2", "--max_train_steps=2", "--checkpointing_steps=1",
+        f"--validation_teacher_data={held}", "--validation_steps=1"]
+    out = tmp_path / "full"
+    _run(args, out)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    record = json.loads((out / "teacher_distance.json").read_text())
+    assert sorted(record["steps"], key=int) == ["0", "1", "2"] and record["num_inference_steps"] == 1
+    assert all(len(v["per_sample"]) == len(list((held / "latents").iterdir())) for v in record["steps"].values())
+    before = held_out_distance(small_pipeline_dir, teacher_data, student_scheduler=True)
+    after = held_out_distance(out, teacher_data)
+    assert record["steps"]["0"]["mean"] == pytest.approx(before, rel=1e-4)
+    assert record["steps"]["2"]["mean"] == pytest.approx(after, rel=1e-4)
+    trained = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    stock = load_file(str(small_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert trained.keys() == stock.keys()
+    assert any(not torch.equal(trained[k], stock[k]) for k in stock)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    proc = _run(args + ["--resume_from_checkpoint=latest"], resumed)
+    assert "resuming from" in proc.stdout + proc.stderr
+    again = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in trained if not torch.equal(trained[k], again[k])]
+    assert _trained_parts(resumed) == _trained_parts(out)
 
 
 def test_student_lora_file_round_trips_exactly(small_pipeline_dir, tmp_path):

@@ -22,6 +22,7 @@ __all__ = [
     "SCHEDULERS",
     "StableSRDDPMScheduler",
     "deterministic_scheduler",
+    "is_deterministic",
     "scheduler_from_name",
     "space_timesteps",
 ]
@@ -83,3 +84,16 @@ def deterministic_scheduler(name: str, config):
     if name not in DETERMINISTIC_SCHEDULERS:
         raise ValueError(f"{name!r} is not a deterministic scheduler; choose one of {', '.join(DETERMINISTIC_SCHEDULERS)}")
     return scheduler_from_name(name, {**dict(config), "timestep_spacing": "trailing"})
+
+
+def is_deterministic(scheduler) -> bool:
+    """Whether sampling with `scheduler` (as the pipeline calls it: no ``eta``, no churn) draws no noise after the
+    start latent: DDIM, UniPC, Euler and DPM-Solver(++) in its ODE forms. The official DDPM and the SDE variants of
+    DPM-Solver draw noise at every step; unknown classes count as not deterministic."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        return scheduler.config.algorithm_type in ("dpmsolver", "dpmsolver++")
+    if isinstance(scheduler, EulerDiscreteScheduler):
+        return True  # s_churn defaults to 0 in step(), and the pipeline does not pass it
+    return isinstance(scheduler, (DDIMScheduler, UniPCMultistepScheduler))
