@@ -547,13 +547,17 @@ def generate_cfw_data(
             )
         for (source, lq_up, gt), latents in zip(pending, results, strict=True):
             write(source, lq_up, gt, latents)
+        bar.update(len(pending))
         pending.clear()
 
-    for index in tqdm(mine, desc=f"CFW data shard {shard_index}/{num_shards}", disable=not progress):
+    # Counts finished samples (a batch advances it when its samples are written).
+    bar = tqdm(total=len(mine), desc=f"CFW data shard {shard_index}/{num_shards}", disable=not progress)
+    for index in mine:
         source = sources[index]
         name = sample_name(source.index)
         if is_complete(root, name, with_samples=save_samples):
             report.skipped.append(source.index)
+            bar.update(1)
             continue
         _remove_stale_temporaries(root, name)
         lq_up, gt = make_pair(source, _generator(seed, source.index, "data"), degradation, gt_size)
@@ -563,6 +567,7 @@ def generate_cfw_data(
         if len(pending) >= batch_size:
             flush()
     flush()
+    bar.close()
     return report
 
 
