@@ -315,6 +315,19 @@ class CFWDataReport:
     failed: list[int] = field(default_factory=list)
 
 
+def _check_sample_size(pipeline, height: int, width: int) -> None:
+    """A sample's latent must cover exactly its GT: sides multiples of the VAE factor, at least the native size."""
+    factor = pipeline.vae_scale_factor
+    if height % factor or width % factor:
+        raise ValueError(f"the image is {height}x{width}; both sides must be multiples of {factor}")
+    if min(height, width) < pipeline.native_size:
+        raise ValueError(
+            f"a {height}x{width} sample is below the model's native size {pipeline.native_size}: the pipeline would "
+            "sample at a larger size, so the latent would not match the GT. Use --gt_size >= "
+            f"{pipeline.native_size} and GT images at least that large"
+        )
+
+
 @torch.no_grad()
 def sample_latents(
     pipeline,
@@ -336,14 +349,7 @@ def sample_latents(
     """
     height, width = lq_up.shape[-2:]
     factor = pipeline.vae_scale_factor
-    if height % factor or width % factor:
-        raise ValueError(f"the image is {height}x{width}; both sides must be multiples of {factor}")
-    if min(height, width) < pipeline.native_size:
-        raise ValueError(
-            f"a {height}x{width} sample is below the model's native size {pipeline.native_size}: the pipeline would "
-            "sample at a larger size, so the latent would not match the GT. Use --gt_size >= "
-            f"{pipeline.native_size} and GT images at least that large"
-        )
+    _check_sample_size(pipeline, height, width)
     output = pipeline(
         _to_pil(lq_up),
         upscale=1.0,
@@ -393,8 +399,7 @@ def sample_latents_batch(
             "sample's own run; use a deterministic scheduler (--scheduler dpmsolver, ddim or unipc) or a batch size of 1"
         )
     height, width = lq_ups[0].shape[-2:]
-    if height % pipeline.vae_scale_factor or width % pipeline.vae_scale_factor or min(height, width) < pipeline.native_size:
-        return [sample_latents(pipeline, x, g, num_inference_steps, start) for x, g in zip(lq_ups, generators, strict=True)]
+    _check_sample_size(pipeline, height, width)
     device = pipeline._execution_device
     tile_size = tile_size or pipeline.default_tile_size
     tile_overlap = tile_overlap if tile_overlap is not None else tile_size // 2

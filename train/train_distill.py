@@ -370,8 +370,9 @@ def main(args: argparse.Namespace) -> dict:
         if args.l2_weight or args.lpips_weight:
             vae.enable_gradient_checkpointing()
     parts.prompt_embedding.to(device)
-    logger.info(f"trainable parameters: {sum(p.numel() for p in trainable) / 1e6:.2f}M (encoder + SFT"
-                f"{' + LoRA' if args.lora_rank else ''}{' + UNet' if args.full_unet else ''}); student timesteps {student_timesteps.tolist()}")
+    unet_part = " + UNet" if args.full_unet else " + LoRA" if args.lora_rank else ""
+    logger.info(f"trainable parameters: {sum(p.numel() for p in trainable) / 1e6:.2f}M (encoder + SFT{unet_part}); "
+                f"student timesteps {student_timesteps.tolist()}")
 
     fake_unet = fake_module = fake_params = fake_optimizer = None
     if args.dmd_weight:
